@@ -1,0 +1,736 @@
+"""The one module every nanoadapt script shares.
+
+A Mistral / Qwen2 / Qwen3 / Llama decoder that reads and writes Hugging Face checkpoints exactly
+(same module names, same rotate-half RoPE, same safetensors keys), generation with a KV cache, and
+the few helpers every training script needs. Sections, in order:
+
+  1. config        -- read from the checkpoint's config.json, field by field
+  2. attention     -- one function: the Triton kernel on CUDA, SDPA elsewhere; packed documents
+  3. the decoder   -- RMSNorm, RoPE, GQA attention, SwiGLU MLP, tied or untied head
+  4. load / save   -- safetensors (single or sharded), built on the meta device, atomic saves
+  5. generation    -- KV cache, greedy / temperature / top-k / top-p, batched prompts
+  6. training helpers -- distributed init, print0, LR schedule, checkpoints, MFU
+
+References: Mistral 7B (Jiang et al. 2023), Qwen2/Qwen3 technical reports, Llama 3 (Dubey et al. 2024)
+for the llama3 RoPE scaling; the HF `transformers` implementations define the numerics we match.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+
+
+def load_tokenizer(path):
+    """The tokenizer of a model directory (or a SentencePiece .model file); see tokenizer.py."""
+    from tokenizer import load_tokenizer as load
+    return load(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. config
+# ------------------------------------------------------------------------------------------------
+SUPPORTED_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "llama")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class Config:
+    """What the decoder needs, read from an HF config.json by field name (features, not families)."""
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None       # None, or {"rope_type": "linear"|"llama3", ...}
+    max_position_embeddings: int = 4096
+    layer_windows: list = field(default_factory=list)  # per layer: sliding window W, or None for full attention
+    qkv_bias: bool = False                 # Qwen2 always; others through `attention_bias`
+    qk_norm: bool = False                  # Qwen3: RMSNorm on each head of q and k before RoPE
+    tie_word_embeddings: bool = False
+    torch_dtype: str | None = None
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    hf: dict = field(default_factory=dict)  # the original config.json, kept so saving loses no field
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "Config":
+        def need(name):
+            if name not in hf or hf[name] is None:
+                raise ValueError(f"{source}: required field '{name}' is missing")
+            return hf[name]
+
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{source}: model_type '{model_type}' is not supported; "
+                             f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act '{hf['hidden_act']}' is not supported (only 'silu')")
+        if hf.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias=true is not supported")
+        n_heads = need("num_attention_heads")
+        n_layers = need("num_hidden_layers")
+        head_dim = hf.get("head_dim") or need("hidden_size") // n_heads
+
+        # RoPE: transformers 5 writes `rope_parameters`; older checkpoints `rope_theta` + `rope_scaling`.
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = rope or hf.get("rope_scaling") or None
+        if scaling is not None:
+            scaling = dict(scaling)
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(f"{source}: rope type '{rope_type}' is not supported; "
+                                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+            scaling = None if rope_type == "default" else {**scaling, "rope_type": rope_type}
+
+        # Sliding window, per layer. Mistral: every layer when `sliding_window` is set. Qwen2/Qwen3:
+        # only with `use_sliding_window`, and then `layer_types` (or max_window_layers) says which.
+        window = hf.get("sliding_window")
+        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+            window = None
+        if model_type == "llama":
+            window = None
+        layer_types = hf.get("layer_types")
+        if window is None:
+            windows = [None] * n_layers
+        elif layer_types is not None and model_type != "mistral":
+            windows = [window if t == "sliding_attention" else None for t in layer_types]
+        elif model_type in ("qwen2", "qwen3"):
+            first = hf.get("max_window_layers", n_layers)
+            windows = [window if i >= first else None for i in range(n_layers)]
+        else:
+            windows = [window] * n_layers
+
+        return cls(
+            model_type=model_type,
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            layer_windows=windows,
+            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            initializer_range=hf.get("initializer_range", 0.02),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            hf=dict(hf),
+        )
+
+    @classmethod
+    def from_file(cls, path: str) -> "Config":
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, source=path)
+
+    def to_hf(self) -> dict:
+        """config.json for saving: the original fields, with the ones a stage may change updated."""
+        hf = dict(self.hf)
+        hf.update(vocab_size=self.vocab_size, tie_word_embeddings=self.tie_word_embeddings,
+                  bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+                  pad_token_id=self.pad_token_id)
+        if self.torch_dtype is not None:
+            hf["dtype" if "dtype" in hf or "torch_dtype" not in hf else "torch_dtype"] = self.torch_dtype
+        hf.setdefault("architectures", [{"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                         "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]])
+        return hf
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. attention
+# ------------------------------------------------------------------------------------------------
+_warned_fallback = False
+
+
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document index per position (non-decreasing) -> (B, T) index of each document's first position."""
+    T = doc_ids.shape[1]
+    slots = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    is_first = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return torch.cummax(torch.where(is_first, slots, torch.zeros_like(slots)), dim=1).values
+
+
+def attention_mask(q_slots, k_slots, doc_start=None, window=None) -> torch.Tensor:
+    """Boolean mask, True = attend: key s is visible to query t iff s <= t, s >= doc_start[t], t - s < window.
+
+    q_slots (Tq,), k_slots (Tk,) are absolute positions in the row; doc_start (B, Tq) or None.
+    Window semantics are transformers' Mistral ones: W keys including the query itself.
+    Returns (1 or B, 1, Tq, Tk).
+    """
+    t, s = q_slots[:, None], k_slots[None, :]
+    mask = s <= t
+    if window is not None:
+        mask = mask & (t - s < window)
+    mask = mask[None]
+    if doc_start is not None:
+        mask = mask & (s[None] >= doc_start[:, :, None])
+    return mask[:, None]
+
+
+def _use_triton(q) -> bool:
+    global _warned_fallback
+    choice = os.environ.get("NANOADAPT_ATTENTION", "").lower()
+    if choice not in ("", "triton", "sdpa"):
+        raise ValueError(f"NANOADAPT_ATTENTION={choice!r}: expected 'triton' or 'sdpa'")
+    if choice == "sdpa" or (choice == "" and not q.is_cuda):
+        return False
+    try:
+        import flash_attention
+        supported = flash_attention.supports(q)
+    except ImportError as e:
+        supported, reason = False, f"the Triton kernel could not be imported ({e})"
+    else:
+        reason = f"shape/dtype not supported by the kernel (head dim {q.shape[-1]}, {q.dtype}, {q.device.type})"
+    if supported:
+        return True
+    if choice == "triton":
+        raise RuntimeError(f"NANOADAPT_ATTENTION=triton but {reason}"
+                           + ("" if q.is_cuda else "; on CPU set TRITON_INTERPRET=1"))
+    if not _warned_fallback:
+        warnings.warn(f"falling back to SDPA attention: {reason}")
+        _warned_fallback = True
+    return False
+
+
+def attention(q, k, v, doc_start=None, window=None, q_offset=0):
+    """Causal attention. q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq a multiple of Hkv (GQA).
+
+    Query i sits at absolute slot q_offset + i, key j at slot j (with a KV cache, Tk = q_offset + Tq).
+    doc_start (B, Tq): first slot of each query's document, so packed documents never see each other.
+    The Triton kernel (flash_attention.py) serves training-shaped calls; SDPA everything else.
+    """
+    Tq, Tk = q.shape[2], k.shape[2]
+    if q_offset == 0 and Tq == Tk and _use_triton(q):
+        import flash_attention
+        return flash_attention.flash_attention(q, k, v, doc_start=doc_start, window=window)
+    gqa = q.shape[1] != k.shape[1]
+    if doc_start is None and window is None and Tq == Tk and q_offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    slots = torch.arange(Tk, device=q.device)
+    mask = attention_mask(slots[q_offset:q_offset + Tq], slots, doc_start, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. the decoder
+# ------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32, scale in the input dtype (as transformers does)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(cfg: Config, device=None) -> torch.Tensor:
+    """(head_dim/2,) fp32 inverse frequencies, with the llama3 / linear scalings applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim), computed in fp32 then cast (HF's layout: halves repeated)."""
+    freqs = positions[..., None].float() * inv_freq                # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]               # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """HF's rotate-half RoPE: the two halves of each head are the (real, imaginary) parts."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, window):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd, self.window = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, window
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, doc_start, cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)                    # (B, Hq, T, hd)
+        k = apply_rope(k.transpose(1, 2), cos, sin)                    # (B, Hkv, T, hd)
+        v = v.transpose(1, 2)                                          # (B, Hkv, T, hd)
+        offset = 0
+        if cache is not None:
+            offset = cache.length
+            k, v = cache.update(layer_idx, k, v)                       # (B, Hkv, offset + T, hd)
+        y = attention(q, k, v, doc_start=doc_start, window=self.window, q_offset=offset)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Config, window):
+        super().__init__()
+        self.self_attn = Attention(cfg, window)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, doc_start, cache=None, layer_idx=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_start, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """Holds what HF calls `model.*`: embeddings, layers, final norm."""
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, w) for w in cfg.layer_windows)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+        self.source_dir = None            # the HF directory this model was loaded from (tokenizer files live there)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, doc_ids=None, cache=None, return_hidden=False):
+        """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, d) with return_hidden.
+
+        doc_ids (B, T): document index of each position, for packed sequences: attention stays inside
+        each document and RoPE positions restart at each document's start.
+        cache: a KVCache (generation); new tokens continue the last document of each row.
+        """
+        B, T = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        slots = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+        if doc_ids is not None:
+            doc_start = document_starts(doc_ids) + offset                     # (B, T)
+        elif cache is not None and cache.row_start is not None:
+            doc_start = cache.row_start.expand(B, T)
+        else:
+            doc_start = None
+        positions = slots - doc_start if doc_start is not None else slots  # (B, T)
+        if cache is not None and offset == 0 and doc_start is not None:
+            cache.row_start = doc_start[:, -1:]                              # generation continues the last document
+
+        x = self.model.embed_tokens(input_ids)                               # (B, T, d)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, doc_start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, doc_start, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    # -- construction ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self):
+        """Random init for pretraining from scratch: normal(0, initializer_range), zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.config.initializer_range)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def set_vocab(self, embed_weight, head_weight=None):
+        """Replace the vocabulary: embed_weight (V, d); head_weight (V, d) for an untied head (None when tied)."""
+        if self.config.tie_word_embeddings and head_weight is not None:
+            raise ValueError("the LM head is tied to the embeddings: pass head_weight=None")
+        if not self.config.tie_word_embeddings and head_weight is None:
+            raise ValueError("the LM head is untied: pass head_weight")
+        self.model.embed_tokens.weight = nn.Parameter(embed_weight)
+        self.model.embed_tokens.num_embeddings = embed_weight.shape[0]
+        self.lm_head.weight = self.model.embed_tokens.weight if head_weight is None else nn.Parameter(head_weight)
+        self.lm_head.out_features = embed_weight.shape[0]
+        self.config.vocab_size = embed_weight.shape[0]
+
+    def num_params(self, exclude_embeddings=False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.model.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N for the matmuls (embedding lookup excluded, head included)
+        plus the attention scores and values, 6·2·L·H·hd·T/2 with the causal half (PaLM appendix B)."""
+        c = self.config
+        return 6 * self.num_params(exclude_embeddings=not c.tie_word_embeddings) + \
+            6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+    # -- load / save: see section 4 ------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        return load_pretrained(cls, path, device, dtype)
+
+    def save_pretrained(self, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None):
+        save_pretrained(self, path, max_shard_size, tokenizer_dir, extra_files)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. load / save (HF safetensors)
+# ------------------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_pretrained(cls, path, device=None, dtype=None):
+    """Build on the meta device, then assign the tensors of each shard in turn (never all shards at once)."""
+    from safetensors import safe_open
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    cfg = Config.from_file(config_path)
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                "(nanoadapt reads weights only from safetensors)")
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")          # stored once, under the embedding's name
+    seen = set()
+    for shard in shards:
+        shard_path = os.path.join(path, shard)
+        state = {}
+        with safe_open(shard_path, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue                     # some tied checkpoints store the head too: same tensor
+                if key not in expected:
+                    raise ValueError(f"{shard_path}: unexpected weight '{key}' for a {cfg.model_type} model "
+                                     f"with this config.json")
+                t = f.get_tensor(key)
+                if t.shape != expected[key].shape:
+                    raise ValueError(f"{shard_path}: weight '{key}' has shape {tuple(t.shape)}, "
+                                     f"config.json implies {tuple(expected[key].shape)}")
+                state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        model.load_state_dict(state, strict=False, assign=True)
+        seen.update(state)
+        del state
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"{path}: missing weights: {', '.join(missing[:10])}"
+                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inverse_frequencies(cfg, device)
+    model.source_dir = os.path.abspath(path)
+    model.config.torch_dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    return model
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda u: -len(u[0])):
+        if s.endswith(unit):
+            return int(float(s[:-len(unit)]) * mult)
+    return int(s)
+
+
+def atomic_directory(path):
+    """A temporary directory next to `path`; call `commit(tmp)` to move it into place in one rename."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
+
+    def commit():
+        if os.path.isdir(path):                  # replace: move the old one aside, then drop it
+            old = tmp + ".old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    return tmp, commit
+
+
+def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None):
+    """Write an HF model directory atomically: config.json, generation_config.json, safetensors
+    (sharded with an index above max_shard_size), the tokenizer files, and any extra files.
+    Tied weights are stored once (as `model.embed_tokens.weight`), as transformers does."""
+    from safetensors.torch import save_file
+    tmp, commit = atomic_directory(path)
+    try:
+        cfg = model.config
+        state = {k: v for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        cfg.torch_dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg.to_hf(), f, indent=2, ensure_ascii=False)
+        gen = {}
+        src_gen = os.path.join(model.source_dir or "", "generation_config.json")
+        if model.source_dir and os.path.isfile(src_gen):
+            with open(src_gen) as f:
+                gen = json.load(f)
+        gen.update({k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                                      ("pad_token_id", cfg.pad_token_id)) if v is not None})
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+
+        # greedy sharding in state-dict order
+        limit, shards, current, size = _parse_size(max_shard_size), [], {}, 0
+        for key, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > limit:
+                shards.append(current)
+                current, size = {}, 0
+            current[key], size = t, size + nbytes
+        shards.append(current)
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file({k: v.contiguous() for k, v in shards[0].items()}, os.path.join(tmp, "model.safetensors"), meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(tmp, name), meta)
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+        tok_src = tokenizer_dir or model.source_dir
+        if tok_src:
+            from tokenizer import TOKENIZER_FILES
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(tok_src, name)):
+                    shutil.copy2(os.path.join(tok_src, name), os.path.join(tmp, name))
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "wb" if isinstance(content, bytes) else "w") as f:
+                f.write(content)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. generation
+# ------------------------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated keys and values per layer, (B, Hkv, max_len, hd); `length` slots are filled."""
+    def __init__(self, cfg: Config, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+        self.row_start = None    # (B, 1): first slot of each row's prompt (left padding sits before it)
+
+    def update(self, layer_idx, k, v):
+        end = self.length + k.shape[2]
+        self.k[layer_idx][:, :, self.length:end] = k
+        self.v[layer_idx][:, :, self.length:end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p            # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+             eos_id=None, vocab_limit=None, generator=None):
+    """Batched generation with a KV cache. prompts: list of token-id lists (any lengths; left-padded
+    internally). Returns the new tokens of each prompt, stopping after eos_id (included).
+    vocab_limit: ids at or above it are never sampled (vocabulary padding rows)."""
+    device = model.model.embed_tokens.weight.device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    pad = [longest - len(p) for p in prompts]
+    ids = torch.tensor([[0] * n + list(p) for n, p in zip(pad, prompts)], device=device)     # (B, T0)
+    doc_ids = (torch.arange(longest, device=device)[None] >= torch.tensor(pad, device=device)[:, None]).long()
+    eos = set([eos_id] if isinstance(eos_id, int) else (eos_id or []))
+    cache = KVCache(model.config, B, longest + max_new_tokens, device, model.model.embed_tokens.weight.dtype)
+    logits = model(ids, doc_ids=doc_ids if any(pad) else None, cache=cache)[:, -1]         # (B, V)
+    out, done = [[] for _ in range(B)], [False] * B
+    for _ in range(max_new_tokens):
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)                     # (B,)
+        for b, t in enumerate(nxt.tolist()):
+            if not done[b]:
+                out[b].append(t)
+                done[b] = t in eos
+        if all(done):
+            break
+        logits = model(nxt[:, None], cache=cache)[:, -1]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. training helpers
+# ------------------------------------------------------------------------------------------------
+def init_distributed():
+    """Works under plain `python` and `torchrun`. Returns (rank, local_rank, world_size, device)."""
+    import torch.distributed as dist
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, local_rank, world, device
+
+
+def is_rank0():
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def lr_at(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
+    """Linear warmup for `warmup_steps`, then cosine decay to min_lr_ratio·max_lr at `total_steps`."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(run_dir, step, model, trainer_state, tokenizer_dir=None, keep=2):
+    """checkpoints/step_NNNNNN/: the HF model dir plus trainer_state.pt (optimizer, step, data position,
+    RNG), written atomically; older checkpoints beyond `keep` are removed. Rank 0 only."""
+    import io
+    buf = io.BytesIO()
+    torch.save(trainer_state, buf)
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    model.save_pretrained(os.path.join(ckpt_root, f"step_{step:06d}"), tokenizer_dir=tokenizer_dir,
+                          extra_files={"trainer_state.pt": buf.getvalue()})
+    steps = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
+    for old in steps[:-keep] if keep else []:
+        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+
+
+def latest_checkpoint(run_dir):
+    """The newest complete checkpoint directory, or None (temporary dirs start with '.', so are skipped)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")
+                   and os.path.isfile(os.path.join(root, d, "trainer_state.pt")))
+    return os.path.join(root, steps[-1]) if steps else None
+
+
+def load_trainer_state(ckpt_dir):
+    return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=True)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, matched on the device name.
+GPU_PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),
+                       ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+                       ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+                       ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12)]
+
+
+def gpu_peak_flops(device) -> float | None:
+    """The detected GPU's dense bf16 peak, or None when unknown (then no MFU is shown)."""
+    if not (isinstance(device, torch.device) and device.type == "cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in GPU_PEAK_BF16_FLOPS if key in name), None)

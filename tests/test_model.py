@@ -1,0 +1,226 @@
+"""model.py against transformers: logits, save/load both ways, sharding, generation, packing, errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from model import Config, KVCache, Transformer, generate
+from tiny_models import FAMILIES, make_hf_model
+
+os.environ.setdefault("NANOADAPT_ATTENTION", "sdpa")
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def tokens(B, T, vocab=101, seed=1):
+    return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_transformers_both_ways(family, tmp_path):
+    import transformers
+    hf = make_hf_model(family, tmp_path / "hf")
+    ids = tokens(2, 20)                                # longer than the Mistral/Qwen2 test windows
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours = Transformer.from_pretrained(tmp_path / "hf")
+        out = ours(ids)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < 1e-4
+
+    # our save loads in transformers with the same logits
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, ref) < 1e-4
+    if hf.config.tie_word_embeddings:
+        from safetensors import safe_open
+        with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as f:
+            assert "lm_head.weight" not in f.keys()      # tied weights stored once, as transformers does
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def test_features_read_from_config(tmp_path):
+    """Fields are features: windows per layer, bias, QK-norm, head_dim, llama3 scaling all come from config.json."""
+    cfgs = {}
+    for family in ("mistral", "qwen2", "qwen2_window", "qwen3", "llama"):
+        make_hf_model(family, tmp_path / family)
+        cfgs[family] = Config.from_file(tmp_path / family / "config.json")
+    assert cfgs["mistral"].layer_windows == [8, 8]
+    assert cfgs["qwen2"].layer_windows == [None, None] and cfgs["qwen2"].qkv_bias
+    assert cfgs["qwen2_window"].layer_windows == [None, 6]          # max_window_layers=1
+    assert cfgs["qwen3"].qk_norm and cfgs["qwen3"].head_dim == 24 and not cfgs["qwen3"].qkv_bias
+    assert cfgs["llama"].rope_scaling["rope_type"] == "llama3" and cfgs["llama"].rope_theta == 500000.0
+
+
+def test_legacy_rope_fields_and_inverse_frequencies(tmp_path):
+    """Older checkpoints write rope_theta + rope_scaling; inverse frequencies equal transformers' llama3 ones."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from model import rope_inverse_frequencies
+    from tiny_models import hf_config
+    hf_cfg = hf_config("llama")
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    legacy = hf_cfg.to_dict()
+    params = legacy.pop("rope_parameters")
+    legacy["rope_theta"] = params.pop("rope_theta")
+    legacy["rope_scaling"] = params
+    ours = rope_inverse_frequencies(Config.from_hf(legacy))
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=0)
+    assert not torch.allclose(ours, rope_inverse_frequencies(Config.from_hf({**legacy, "rope_scaling": None})))
+
+
+def test_sharded_save_round_trips(tmp_path):
+    import transformers
+    make_hf_model("qwen2", tmp_path / "hf")
+    ours = Transformer.from_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    files = sorted(os.listdir(tmp_path / "sharded"))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ours.state_dict())
+    again = Transformer.from_pretrained(tmp_path / "sharded")
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    ids = tokens(1, 12)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, ours(ids)) < 1e-4
+
+
+def test_dtype_on_load_and_save(tmp_path):
+    make_hf_model("llama", tmp_path / "hf")
+    m = Transformer.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    m.save_pretrained(tmp_path / "bf16")
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    assert Transformer.from_pretrained(tmp_path / "bf16").lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3_tied"])
+def test_greedy_generation_matches_transformers(family, tmp_path):
+    hf = make_hf_model(family, tmp_path / "hf")
+    ours = Transformer.from_pretrained(tmp_path / "hf")
+    prompt = tokens(1, 5)
+    ref = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                      min_new_tokens=12)[0, 5:].tolist()
+    got = generate(ours, [prompt[0].tolist()], max_new_tokens=12)[0]
+    assert got == ref
+
+
+def test_kv_cache_logits_equal_full_forward(tmp_path):
+    make_hf_model("mistral", tmp_path / "hf")                 # window 8 < sequence: the cache must apply it
+    m = Transformer.from_pretrained(tmp_path / "hf")
+    ids = tokens(2, 16)
+    with torch.no_grad():
+        full = m(ids)
+        cache = KVCache(m.config, 2, 16, "cpu", torch.float32)
+        parts = [m(ids[:, :7], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(7, 16)]
+    assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
+
+
+def test_batched_left_padded_generation_equals_each_alone(tmp_path):
+    make_hf_model("mistral", tmp_path / "hf")
+    m = Transformer.from_pretrained(tmp_path / "hf")
+    prompts = [tokens(1, 3, seed=5)[0].tolist(), tokens(1, 9, seed=6)[0].tolist()]
+    together = generate(m, prompts, max_new_tokens=10)
+    alone = [generate(m, [p], max_new_tokens=10)[0] for p in prompts]
+    assert together == alone
+
+
+def test_generation_stops_at_eos_and_samples_within_top_k(tmp_path):
+    make_hf_model("llama", tmp_path / "hf")
+    m = Transformer.from_pretrained(tmp_path / "hf")
+    prompt = tokens(1, 4)[0].tolist()
+    greedy = generate(m, [prompt], max_new_tokens=8)[0]
+    stop = greedy[3]
+    cut = generate(m, [prompt], max_new_tokens=8, eos_id=stop)[0]
+    assert cut == greedy[:greedy.index(stop) + 1]
+    # top_k=1 sampling at any temperature is greedy; top_p tiny keeps only the argmax too
+    g = torch.Generator().manual_seed(0)
+    assert generate(m, [prompt], 8, temperature=1.5, top_k=1, generator=g)[0] == greedy
+    assert generate(m, [prompt], 8, temperature=1.5, top_p=1e-6, generator=g)[0] == greedy
+    # vocab_limit: padding rows are never sampled
+    sampled = generate(m, [prompt], 20, temperature=5.0, vocab_limit=50, generator=g)[0]
+    assert max(sampled) < 50
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])
+def test_packed_documents_equal_each_alone(family, tmp_path):
+    make_hf_model(family, tmp_path / "hf")
+    m = Transformer.from_pretrained(tmp_path / "hf")
+    a, b = tokens(1, 11, seed=3), tokens(1, 14, seed=4)
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 11 + [1] * 14])
+    with torch.no_grad():
+        out = m(packed, doc_ids=doc_ids)
+        assert rel_err(out[:, :11], m(a)) < 1e-5
+        assert rel_err(out[:, 11:], m(b)) < 1e-5
+        assert rel_err(m(packed)[:, 11:], m(b)) > 1e-2          # without doc_ids the second document sees the first
+
+
+def test_unknown_model_type_is_a_clear_error(tmp_path):
+    make_hf_model("llama", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*mistral, qwen2, qwen3, llama"):
+        Transformer.from_pretrained(tmp_path / "hf")
+
+
+def test_unsupported_rope_type_is_a_clear_error(tmp_path):
+    make_hf_model("llama", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+        Transformer.from_pretrained(tmp_path / "hf")
+
+
+def test_missing_and_misshapen_weights_are_clear_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    make_hf_model("qwen2", tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(path)
+    good = dict(state)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, path)
+    with pytest.raises(ValueError, match="missing weights: model.layers.1.mlp.up_proj.weight"):
+        Transformer.from_pretrained(tmp_path / "hf")
+    good["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(7)
+    save_file(good, path)
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.bias' has shape \(7,\)"):
+        Transformer.from_pretrained(tmp_path / "hf")
+    good["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    good["model.extra.weight"] = torch.zeros(3)
+    save_file(good, path)
+    with pytest.raises(ValueError, match="unexpected weight 'model.extra.weight'"):
+        Transformer.from_pretrained(tmp_path / "hf")
+
+
+def test_missing_weights_file_and_config_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Transformer.from_pretrained(tmp_path)
+    make_hf_model("llama", tmp_path / "hf")
+    os.remove(tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Transformer.from_pretrained(tmp_path / "hf")
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    from model import load_tokenizer
+    make_hf_model("llama", tmp_path / "hf")
+    with pytest.raises(Exception, match=str(tmp_path / "hf")):
+        load_tokenizer(tmp_path / "hf")
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path):
+    make_hf_model("llama", tmp_path / "hf")
+    m = Transformer.from_pretrained(tmp_path / "hf")
+    with pytest.raises(TypeError):
+        m.save_pretrained(tmp_path / "out", extra_files={"bad.txt": 123})
+    assert os.listdir(tmp_path) == ["hf"]
