@@ -1,0 +1,534 @@
+"""
+Tokenizer loading and writing: one small interface over the two formats LLM checkpoints ship.
+
+  * SentencePiece `tokenizer.model` (Llama-2, Mistral, and every tokenizer train_tokenizer.py makes),
+    read with the `sentencepiece` package;
+  * Hugging Face `tokenizer.json` (Qwen, Llama-3), read with the optional `tokenizers` package.
+
+A model directory may hold both; then `tokenizer.model` is used (it needs no optional package), and
+`tokenizer_config.json` / `special_tokens_map.json` decide which tokens play the bos/eos/pad/unk roles
+and which extra tokens were added on top of the SentencePiece vocabulary, as in `transformers`.
+
+Encoding semantics, the same for both formats:
+  * special and added tokens written literally in the text ("<|im_start|>user") become their single
+    id, because chat templates are rendered to text and then encoded;
+  * SentencePiece's "dummy prefix" (add_dummy_prefix: a "▁" glued to the start of the text, so the
+    first word is spelled like every other word) is added only at the very start of the text, never
+    after a special token: encode("<|im_start|>user") is [<|im_start|>, "user"], not
+    [<|im_start|>, "▁user"]. This is what `transformers` does (Metaspace with prepend_scheme="first").
+    `encode_continuation` encodes with no dummy prefix at all (used to spell a piece in another vocabulary).
+
+`write_hf_tokenizer_files` writes a SentencePiece model as tokenizer.model + tokenizer.json +
+tokenizer_config.json + special_tokens_map.json, so that `transformers`' AutoTokenizer encodes exactly as
+`sentencepiece` does (tests/test_tokenizer.py checks this against the installed transformers).
+
+protobuf is needed at run time: the SentencePiece model is a protobuf message, and reading its settings,
+switching its dummy prefix off, merging two models and adding pieces all go through
+`sentencepiece.sentencepiece_model_pb2`, which imports `google.protobuf`.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import sentencepiece as spm
+
+# files that make up a tokenizer; model.save_pretrained copies those present next to the weights
+TOKENIZER_FILES = (
+    "tokenizer.model",          # SentencePiece model
+    "tokenizer.json",           # Hugging Face `tokenizers` serialization
+    "tokenizer_config.json",    # roles of special tokens, added tokens, chat template (transformers)
+    "special_tokens_map.json",  # roles of special tokens (older transformers)
+    "chat_template.jinja",      # chat template as its own file (transformers >= 4.43 may write it)
+    "added_tokens.json",        # tokens added on top of a SentencePiece vocabulary (older transformers)
+    "vocab.json",               # byte-level BPE vocabulary (GPT-2 / Qwen style), next to merges.txt
+    "merges.txt",
+)
+
+ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def sp_model_pb2():
+    """The SentencePiece protobuf module, with a clear error when protobuf is missing."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as e:  # the module imports google.protobuf
+        raise ImportError(f"editing SentencePiece models needs protobuf: pip install protobuf ({e})") from e
+    return sentencepiece_model_pb2
+
+
+def load_sp_proto(path):
+    """Read a SentencePiece model file into a ModelProto; clear errors for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: SentencePiece model file not found")
+    proto = sp_model_pb2().ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as e:  # protobuf raises DecodeError (and sometimes others) on garbage
+        raise ValueError(f"{path}: not a valid SentencePiece model ({e})") from e
+    if len(proto.pieces) == 0:
+        raise ValueError(f"{path}: not a valid SentencePiece model (no pieces)")
+    return proto
+
+
+def sp_processor(proto, name="SentencePiece model"):
+    """A SentencePieceProcessor for a ModelProto (sentencepiece validates it here)."""
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(proto.SerializeToString())
+    except Exception as e:
+        raise ValueError(f"{name}: sentencepiece cannot load it ({e})") from e
+    return sp
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+
+
+def _token_content(value):
+    """A role in tokenizer_config.json is a string, null, or an AddedToken dict {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def byte_level_alphabet():
+    """GPT-2's byte -> printable character table, used by byte-level BPE vocabularies (Qwen, Llama-3).
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map to chars from U+0100 upward, in
+    byte order, so that every piece is a printable string (the space byte 0x20 becomes "Ġ").
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the common interface
+
+
+class Tokenizer:
+    """Text <-> ids for one vocabulary. Subclasses implement the plain (special-token-free) encoding.
+
+    vocab_size: ids the tokenizer can produce are 0..vocab_size-1 (a model's embedding may be padded beyond).
+    special_tokens: {text: id} of special and added tokens, matched literally in text by encode().
+    """
+
+    vocab_size: int
+    bos_id = eos_id = pad_id = unk_id = None
+    special_tokens: dict
+    byte_level = False  # True for GPT-2-style byte-level vocabularies ("Ġthe")
+
+    def _set_special_tokens(self, special_tokens):
+        self.special_tokens = dict(special_tokens)
+        self._id_to_special = {i: s for s, i in self.special_tokens.items()}
+        # longest first, so "<|im_start|>" wins over a shorter special token that is its prefix
+        alternatives = sorted(self.special_tokens, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+
+    def _encode_plain(self, text, at_start):
+        """ids of text that holds no special token; at_start: the text starts the whole input."""
+        raise NotImplementedError
+
+    def _decode_plain(self, ids, at_start):
+        raise NotImplementedError
+
+    def encode(self, text, add_bos=False, add_eos=False):
+        """ids of text; special tokens written in the text become their single ids (see the module docstring)."""
+        ids = [self.bos_id] if add_bos and self.bos_id is not None else []
+        pos = 0
+        for match in self._special_re.finditer(text) if self._special_re else ():
+            if match.start() > pos:
+                ids += self._encode_plain(text[pos:match.start()], at_start=pos == 0)
+            ids.append(self.special_tokens[match.group()])
+            pos = match.end()
+        if pos < len(text):
+            ids += self._encode_plain(text[pos:], at_start=pos == 0)
+        if add_eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_continuation(self, text):
+        """ids of text as if it continued earlier text: no dummy prefix, no special-token matching.
+        " мир" -> ["▁мир"] (not ["▁", "▁мир"]); "ение" -> ["ение"] (not ["▁", "ение"] or ["▁ение"])."""
+        return self._encode_plain(text, at_start=False) if text else []
+
+    def decode(self, ids):
+        """text of ids. bos/eos/pad are dropped (as sentencepiece drops control tokens); other special tokens
+        are written as their text, so decode(encode(s, add_bos=True, add_eos=True)) == s."""
+        drop = {self.bos_id, self.eos_id, self.pad_id} - {None}
+        ids = [int(i) for i in ids if int(i) not in drop]
+        out, run, run_start = [], [], 0
+        for k, i in enumerate(ids + [None]):  # None flushes the last run
+            if i is not None and i not in self._id_to_special:
+                if not run:
+                    run_start = k
+                run.append(i)
+                continue
+            if run:
+                out.append(self._decode_plain(run, at_start=run_start == 0))
+                run = []
+            if i is not None:
+                out.append(self._id_to_special[i])
+        return "".join(out)
+
+    def id_to_piece(self, i):
+        raise NotImplementedError
+
+    def piece_to_id(self, piece):
+        raise NotImplementedError
+
+    def pieces(self):
+        """The piece of every id 0..vocab_size-1 (compares vocabularies across stages)."""
+        return [self.id_to_piece(i) for i in range(self.vocab_size)]
+
+    def byte_token_id(self, byte):
+        """id of the token that stands for one raw byte (0..255), or None when the vocabulary has none."""
+        if self.byte_level:
+            return self.piece_to_id(byte_level_alphabet()[byte])
+        return self.piece_to_id(f"<0x{byte:02X}>")
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
+                f"pad={self.pad_id}, unk={self.unk_id}, special_tokens={len(self.special_tokens)})")
+
+
+def _apply_roles(tok, roles, source):
+    """Set tok.bos_id... from {"bos_token": text or None}; a role naming an unknown token is an error."""
+    for role, text in roles.items():
+        i = None
+        if text is not None:
+            i = tok.special_tokens.get(text, tok.piece_to_id(text))
+            if i is None:
+                raise ValueError(f"{source}: {role} {text!r} is not in the vocabulary")
+        setattr(tok, role.replace("_token", "_id"), i)
+
+
+def _read_hf_config(dir_):
+    """Roles and added tokens from tokenizer_config.json, falling back to special_tokens_map.json.
+
+    Returns (roles, added): roles {role: text or None} only for roles the files mention;
+    added {text: id} from tokenizer_config.json's added_tokens_decoder; source: file name for errors.
+    """
+    roles, added, source = {}, {}, None
+    if dir_ is None:
+        return roles, added, source
+    map_path, cfg_path = dir_ / "special_tokens_map.json", dir_ / "tokenizer_config.json"
+    if map_path.is_file():
+        data, source = _read_json(map_path), map_path
+        roles.update({r: _token_content(data[r]) for r in ROLES if r in data})
+    if cfg_path.is_file():
+        data, source = _read_json(cfg_path), cfg_path
+        roles.update({r: _token_content(data[r]) for r in ROLES if r in data})
+        for i, tok in data.get("added_tokens_decoder", {}).items():
+            try:
+                added[tok["content"]] = int(i)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{cfg_path}: bad added_tokens_decoder entry {i!r}: {tok!r}") from e
+    return roles, added, source
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# SentencePiece backend
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model, plus any tokens tokenizer_config.json adds on top of it."""
+
+    def __init__(self, proto, added_tokens=None, roles=None, source="tokenizer.model"):
+        pb2 = sp_model_pb2()
+        self.proto = proto
+        self.source = str(source)
+        self.sp = sp_processor(proto, self.source)
+        # the same model with the dummy prefix switched off, for text that does not start the input
+        no_prefix = pb2.ModelProto()
+        no_prefix.CopyFrom(proto)
+        no_prefix.normalizer_spec.add_dummy_prefix = False
+        self.sp_no_prefix = sp_processor(no_prefix, self.source)
+        self.add_dummy_prefix = proto.normalizer_spec.add_dummy_prefix
+
+        n = self.sp.get_piece_size()
+        self.added_pieces = {i: t for t, i in (added_tokens or {}).items() if i >= n}  # ids beyond the model
+        if sorted(self.added_pieces) != list(range(n, n + len(self.added_pieces))):
+            raise ValueError(f"{source}: added tokens must take the ids right after the SentencePiece vocabulary "
+                             f"({n}...), got {sorted(self.added_pieces)}")
+        self.vocab_size = n + len(self.added_pieces)
+
+        P = pb2.ModelProto.SentencePiece
+        special = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in (P.CONTROL, P.UNKNOWN, P.USER_DEFINED)}
+        special.update({t: i for t, i in (added_tokens or {}).items()})
+        self._set_special_tokens(special)
+
+        def sp_id(i):
+            return None if i < 0 else i
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (sp_id(self.sp.bos_id()), sp_id(self.sp.eos_id()),
+                                                              sp_id(self.sp.pad_id()), sp_id(self.sp.unk_id()))
+        _apply_roles(self, roles or {}, source)
+
+    def _encode_plain(self, text, at_start):
+        return (self.sp if at_start else self.sp_no_prefix).encode(text)
+
+    def _decode_plain(self, ids, at_start):
+        # at the start, sentencepiece removes the dummy prefix's space again
+        return (self.sp if at_start else self.sp_no_prefix).decode(ids)
+
+    def id_to_piece(self, i):
+        if i in self.added_pieces:
+            return self.added_pieces[i]
+        if not 0 <= i < self.sp.get_piece_size():
+            raise IndexError(f"id {i} out of range (vocab_size {self.vocab_size})")
+        return self.sp.id_to_piece(i)
+
+    def piece_to_id(self, piece):
+        if piece in self.special_tokens:
+            return self.special_tokens[piece]
+        i = self.sp.piece_to_id(piece)
+        # sentencepiece answers unk_id for an unknown piece
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tokenizer.json backend (optional `tokenizers` package)
+
+
+class JsonTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json, run by the `tokenizers` package (used only to read a base model's tokenizer)."""
+
+    def __init__(self, path, roles=None, source=None):
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise ImportError(f"{path}: reading tokenizer.json needs the optional package `tokenizers` "
+                              f"(pip install tokenizers)") from e
+        data = _read_json(path)
+        try:
+            self.tok = tokenizers.Tokenizer.from_str(json.dumps(data))
+            # the same pipeline with any dummy prefix switched off, for text that does not start the input
+            self.tok_no_prefix = tokenizers.Tokenizer.from_str(json.dumps(_without_dummy_prefix(data)))
+        except Exception as e:
+            raise ValueError(f"{path}: `tokenizers` cannot load it ({e})") from e
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self._id_to_piece = {i: p for p, i in vocab.items()}
+        self.vocab_size = max(vocab.values()) + 1
+        self._set_special_tokens({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+        self.byte_level = "ByteLevel" in json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
+        model = data.get("model", {})
+        unk = model.get("unk_token") if model.get("type") != "Unigram" else None
+        self.unk_id = vocab.get(unk) if unk is not None else model.get("unk_id")
+        _apply_roles(self, roles or {}, source or path)
+
+    def _encode_plain(self, text, at_start):
+        return (self.tok if at_start else self.tok_no_prefix).encode(text, add_special_tokens=False).ids
+
+    def _decode_plain(self, ids, at_start):
+        return (self.tok if at_start else self.tok_no_prefix).decode(ids, skip_special_tokens=False)
+
+    def id_to_piece(self, i):
+        if i not in self._id_to_piece:
+            raise IndexError(f"id {i} out of range (vocab_size {self.vocab_size})")
+        return self._id_to_piece[i]
+
+    def piece_to_id(self, piece):
+        return self.tok.token_to_id(piece)
+
+
+def _without_dummy_prefix(data):
+    """A copy of a tokenizer.json dict whose pipeline never prepends "▁" (Metaspace or a Prepend normalizer)."""
+    data = json.loads(json.dumps(data))
+
+    def fix(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace":
+                node["prepend_scheme"] = "never"
+                node.pop("add_prefix_space", None)  # pre-0.14 spelling of the same switch
+            for key in ("normalizers", "pretokenizers"):
+                if isinstance(node.get(key), list):
+                    node[key] = [fix(n) for n in node[key] if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+        return node
+
+    if isinstance(data.get("normalizer"), dict) and data["normalizer"].get("type") == "Prepend":
+        data["normalizer"] = None
+    fix(data.get("normalizer"))
+    fix(data.get("pre_tokenizer"))
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_tokenizer(path):
+    """Load the tokenizer of a model directory (tokenizer.model and/or tokenizer.json, with tokenizer_config.json /
+    special_tokens_map.json), or a SentencePiece .model file, or a tokenizer.json file."""
+    path = Path(path)
+    if path.is_file():
+        if path.name.endswith(".json"):
+            roles, _, source = _read_hf_config(path.parent)
+            return JsonTokenizer(path, roles, source)
+        return SentencePieceTokenizer(load_sp_proto(path), source=path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such tokenizer file or model directory")
+    roles, added, source = _read_hf_config(path)
+    if (path / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(load_sp_proto(path / "tokenizer.model"), added, roles,
+                                      source or path / "tokenizer.model")
+    if (path / "tokenizer.json").is_file():
+        return JsonTokenizer(path / "tokenizer.json", roles, source)
+    raise FileNotFoundError(f"{path}: no tokenizer found (expected tokenizer.model or tokenizer.json)")
+
+
+def sp_piece_kind(proto, i):
+    """"normal", "unknown", "control", "user_defined", "unused" or "byte" for piece i of a ModelProto."""
+    return sp_model_pb2().ModelProto.SentencePiece.Type.Name(proto.pieces[i].type).lower()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# writing Hugging Face tokenizer files
+
+
+def bpe_merges(proto):
+    """Merge rules that make a `tokenizers` BPE reproduce SentencePiece BPE.
+
+    SentencePiece BPE stores no merges: it repeatedly joins the adjacent pair whose concatenation is the
+    normal piece with the highest score. So every split (left, right) of a normal piece into two pieces of
+    the vocabulary is a merge, ranked by the score of the joined piece (ties: by its id).
+    """
+    P = sp_model_pb2().ModelProto.SentencePiece
+    normal = {p.piece: (-p.score, i) for i, p in enumerate(proto.pieces) if p.type == P.NORMAL}
+    merges = []
+    for piece, rank in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                merges.append((rank, normal[left], normal[right], left, right))
+    merges.sort()
+    return [[left, right] for *_, left, right in merges]
+
+
+def _default_roles(proto):
+    ts = proto.trainer_spec
+    piece = lambda i: proto.pieces[i].piece if 0 <= i < len(proto.pieces) else None  # noqa: E731
+    return {"bos_token": piece(ts.bos_id), "eos_token": piece(ts.eos_id),
+            "pad_token": piece(ts.pad_id), "unk_token": piece(ts.unk_id)}
+
+
+def write_hf_tokenizer_files(sp_model, out_dir, roles=None, chat_template=None, model_max_length=None):
+    """Write tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir.
+
+    sp_model: a .model path, its bytes, or a ModelProto. roles: {"bos_token": text or None, ...}; default: the
+    model's own bos/eos/pad/unk pieces. Control, unknown and user-defined pieces become special added tokens.
+    The files describe the pipeline that `transformers`' LlamaTokenizer builds for itself (BPE with byte
+    fallback, no normalizer, Metaspace prepending "▁" to the first section only), so the result is the same
+    whether transformers reads tokenizer.json as is or rebuilds that pipeline around its vocab and merges.
+    Callers that need the directory to appear whole write into a temporary directory and rename it.
+    """
+    pb2 = sp_model_pb2()
+    if isinstance(sp_model, pb2.ModelProto):
+        proto = sp_model
+    elif isinstance(sp_model, bytes):
+        proto = pb2.ModelProto()
+        proto.ParseFromString(sp_model)
+    else:
+        proto = load_sp_proto(sp_model)
+    sp_processor(proto)  # validate before writing anything
+    norm = proto.normalizer_spec
+    if (norm.name not in ("identity", "") and norm.precompiled_charsmap) or norm.remove_extra_whitespaces:
+        raise ValueError(f"SentencePiece model with normalization {norm.name!r}, remove_extra_whitespaces="
+                         f"{norm.remove_extra_whitespaces}: tokenizer.json can only reproduce identity "
+                         "normalization without whitespace removal (train with train_tokenizer.py's defaults)")
+    if proto.trainer_spec.treat_whitespace_as_suffix:
+        raise ValueError("SentencePiece model with treat_whitespace_as_suffix: not supported by tokenizer.json")
+    roles = {**_default_roles(proto), **(roles or {})}
+    P = pb2.ModelProto.SentencePiece
+    model_type = pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+    unk = roles["unk_token"] or _default_roles(proto)["unk_token"]
+    prefix = norm.add_dummy_prefix
+
+    added_tokens = [
+        {"id": i, "content": p.piece, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i, p in enumerate(proto.pieces) if p.type in (P.CONTROL, P.UNKNOWN, P.USER_DEFINED)]
+    if model_type == "BPE":
+        model = {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                 "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": proto.trainer_spec.byte_fallback,
+                 "ignore_merges": False, "vocab": {p.piece: i for i, p in enumerate(proto.pieces)},
+                 "merges": bpe_merges(proto)}
+    elif model_type == "UNIGRAM":
+        model = {"type": "Unigram", "unk_id": proto.trainer_spec.unk_id,
+                 "vocab": [[p.piece, p.score] for p in proto.pieces], "byte_fallback": proto.trainer_spec.byte_fallback}
+    else:
+        raise ValueError(f"SentencePiece model type {model_type}: only BPE and UNIGRAM can be written as tokenizer.json")
+    decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    bos = roles["bos_token"]
+    post_processor = None
+    if bos is not None:
+        bos_id = next(i for i, p in enumerate(proto.pieces) if p.piece == bos)
+        post_processor = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added_tokens,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first" if prefix else "never",
+                          "split": False},
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": model,
+    }
+    tokenizer_config = {
+        # the generic class: loads tokenizer.json as it is (transformers 4 and 5)
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **roles,
+        "add_bos_token": bos is not None, "add_eos_token": False,
+        "add_prefix_space": prefix, "legacy": False,  # read by LlamaTokenizer when transformers picks that class
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added_tokens},
+    }
+    if model_max_length is not None:
+        tokenizer_config["model_max_length"] = model_max_length
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
+    special_map = {r: t for r, t in roles.items() if t is not None}
+    role_texts = set(special_map.values())
+    extra = [t["content"] for t in added_tokens if t["content"] not in role_texts]
+    if extra:
+        special_map["additional_special_tokens"] = extra
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
+    for name, obj in (("tokenizer.json", tokenizer_json), ("tokenizer_config.json", tokenizer_config),
+                      ("special_tokens_map.json", special_map)):
+        with open(out_dir / name, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=2 if name != "tokenizer.json" else None)
+            f.write("\n")
+
+
+def replace_dir(tmp_dir, out_dir):
+    """Move a fully written tmp_dir to out_dir; an existing out_dir is replaced only after tmp_dir is complete."""
+    tmp_dir, out_dir = Path(tmp_dir), Path(out_dir)
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    os.rename(tmp_dir, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
