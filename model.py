@@ -436,8 +436,8 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None):
         return load_pretrained(cls, path, device, dtype)
 
-    def save_pretrained(self, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None):
-        save_pretrained(self, path, max_shard_size, tokenizer_dir, extra_files)
+    def save_pretrained(self, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, state_dict=None):
+        save_pretrained(self, path, max_shard_size, tokenizer_dir, extra_files, state_dict)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -529,18 +529,19 @@ def atomic_directory(path):
     return tmp, commit
 
 
-def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None):
+def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, state_dict=None):
     """Write an HF model directory atomically: config.json, generation_config.json, safetensors
     (sharded with an index above max_shard_size), the tokenizer files, and any extra files.
-    Tied weights are stored once (as `model.embed_tokens.weight`), as transformers does."""
+    Tied weights are stored once (as `model.embed_tokens.weight`), as transformers does.
+    state_dict: the full weights when the model itself holds only a shard (FSDP; see full_state_dict)."""
     from safetensors.torch import save_file
     tmp, commit = atomic_directory(path)
     try:
         cfg = model.config
-        state = {k: v for k, v in model.state_dict().items()}
+        state = dict(state_dict if state_dict is not None else model.state_dict())
         if cfg.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        cfg.torch_dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+            state.pop("lm_head.weight", None)
+        cfg.torch_dtype = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_hf(), f, indent=2, ensure_ascii=False)
         gen = {}
@@ -693,15 +694,16 @@ def lr_at(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
     return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_checkpoint(run_dir, step, model, trainer_state, tokenizer_dir=None, keep=2):
+def save_checkpoint(run_dir, step, model, trainer_state, tokenizer_dir=None, keep=2, state_dict=None):
     """checkpoints/step_NNNNNN/: the HF model dir plus trainer_state.pt (optimizer, step, data position,
-    RNG), written atomically; older checkpoints beyond `keep` are removed. Rank 0 only."""
+    RNG), written atomically; older checkpoints beyond `keep` are removed. Rank 0 only
+    (under FSDP, gather state_dict and the optimizer state on all ranks first: see full_state_dict)."""
     import io
     buf = io.BytesIO()
     torch.save(trainer_state, buf)
     ckpt_root = os.path.join(run_dir, "checkpoints")
     model.save_pretrained(os.path.join(ckpt_root, f"step_{step:06d}"), tokenizer_dir=tokenizer_dir,
-                          extra_files={"trainer_state.pt": buf.getvalue()})
+                          extra_files={"trainer_state.pt": buf.getvalue()}, state_dict=state_dict)
     steps = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
     for old in steps[:-keep] if keep else []:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
@@ -734,3 +736,74 @@ def gpu_peak_flops(device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in GPU_PEAK_BF16_FLOPS if key in name), None)
+
+
+def parallelize(model, device, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False):
+    """Wrap a model for training. Not distributed: the model itself. torchrun: DDP (every rank holds
+    all weights), or with fsdp=True FSDP2 (`fully_shard` per decoder layer, then the root), which holds
+    1/world of the weights, gradients and optimizer state per rank: what full fine-tuning of a 7B model
+    needs. mixed_precision: FSDP's compute dtype (e.g. torch.bfloat16; gradients reduced in fp32).
+    compile: torch.compile each decoder layer (same graph per layer, so one compilation serves all).
+    A model without trainable parameters (a frozen reference) is sharded but gets no DDP wrapper."""
+    import torch.distributed as dist
+    if compile:
+        for layer in model.model.layers:
+            layer.compile()
+    if not dist.is_initialized():
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32))
+        if cpu_offload:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        for layer in model.model.layers:
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
+        return model
+    if not any(p.requires_grad for p in model.parameters()):
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The Transformer inside a DDP wrapper (FSDP2 shards in place, so nothing to unwrap there)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def set_grad_sync(model, enabled):
+    """Gradient accumulation: all-reduce only on the last micro-step of each optimizer step."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = enabled
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(enabled)
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model, optimizer=None):
+    """(weights, optimizer state) as full CPU tensors, gathered from FSDP shards when sharded. Every
+    rank must call it (it is a collective under FSDP); the result is meant for rank 0 to save.
+    The optimizer state is keyed by parameter name under FSDP and by index otherwise, so a
+    checkpoint resumes in the mode (FSDP or not) it was written in, at any world size."""
+    model = unwrap(model)
+    if not is_sharded(model):
+        return model.state_dict(), (optimizer.state_dict() if optimizer is not None else None)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=opts)
+    optim = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return weights, optim
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Restore an optimizer state saved by full_state_dict, sharding it again under FSDP."""
+    model = unwrap(model)
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
