@@ -196,7 +196,7 @@ def attention_mask(q_slots, k_slots, doc_start=None, window=None) -> torch.Tenso
     return mask[:, None]
 
 
-def _use_triton(q) -> bool:
+def _use_triton(q, k, v) -> bool:
     global _warned_fallback
     choice = os.environ.get("NANOADAPT_ATTENTION", "").lower()
     if choice not in ("", "triton", "sdpa"):
@@ -205,7 +205,7 @@ def _use_triton(q) -> bool:
         return False
     try:
         import flash_attention
-        supported = flash_attention.supports(q)
+        supported = flash_attention.supports(q, k, v)
     except ImportError as e:
         supported, reason = False, f"the Triton kernel could not be imported ({e})"
     else:
@@ -229,7 +229,7 @@ def attention(q, k, v, doc_start=None, window=None, q_offset=0):
     The Triton kernel (flash_attention.py) serves training-shaped calls; SDPA everything else.
     """
     Tq, Tk = q.shape[2], k.shape[2]
-    if q_offset == 0 and Tq == Tk and _use_triton(q):
+    if q_offset == 0 and Tq == Tk and _use_triton(q, k, v):
         import flash_attention
         return flash_attention.flash_attention(q, k, v, doc_start=doc_start, window=window)
     gqa = q.shape[1] != k.shape[1]

@@ -8,7 +8,6 @@ import torch
 from model import Config, KVCache, Transformer, generate
 from tiny_models import FAMILIES, make_hf_model
 
-os.environ.setdefault("NANOADAPT_ATTENTION", "sdpa")
 
 
 def rel_err(a, b):
