@@ -9,7 +9,9 @@ the few helpers every training script needs. Sections, in order:
   3. the decoder   -- RMSNorm, RoPE, GQA attention, SwiGLU MLP, tied or untied head
   4. load / save   -- safetensors (single or sharded), built on the meta device, atomic saves
   5. generation    -- KV cache, greedy / temperature / top-k / top-p, batched prompts
-  6. training helpers -- distributed init, print0, LR schedule, checkpoints, MFU
+  6. LoRA          -- low-rank adapters on chosen linear layers, merged for saving, PEFT-style files
+  7. chat templates -- reading chat .jsonl, ChatML / Mistral rendering with the assistant-only loss mask
+  8. training helpers -- distributed init, print0, LR schedule, checkpoints, MFU
 
 References: Mistral 7B (Jiang et al. 2023), Qwen2/Qwen3 technical reports, Llama 3 (Dubey et al. 2024)
 for the llama3 RoPE scaling; the HF `transformers` implementations define the numerics we match.
@@ -658,7 +660,279 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. training helpers
+# 6. LoRA
+# ------------------------------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (LoRA, Hu et al. 2021):
+
+        y = x W^T + b + (alpha / r) * B A x,    A (r, in), B (out, r)
+
+    The wrapped layer's own `weight` and `bias` Parameters stay under the same names, so the base
+    keys of the state dict never change; the adapter lives in `lora_A` / `lora_B` (PEFT's names).
+    B starts at zero, so until the first update the model computes exactly what the base did.
+    The adapter is kept in fp32 whatever the base dtype: it is small, and Adam wants fp32 state.
+    """
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))    # as nn.Linear (and PEFT) do
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
+        return y + (self.scale * update).to(y.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha / r) B A, computed in fp32 and returned in W's dtype."""
+        delta = self.lora_B.weight @ self.lora_A.weight                 # (out, r) @ (r, in) -> (out, in)
+        return (self.weight.float() + self.scale * delta).to(self.weight.dtype)
+
+
+def add_lora(model, targets, rank, alpha, dropout=0.0) -> list:
+    """Freeze every parameter, then wrap each nn.Linear whose attribute name is in `targets`
+    (e.g. ["q_proj", "v_proj"]) in a LoRALinear. Returns the wrapped modules' names."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                if child.weight is model.model.embed_tokens.weight:
+                    raise ValueError(f"LoRA target '{name}' is tied to the embeddings; merging would untie them")
+                setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
+                wrapped.append(f"{parent_name}.{name}" if parent_name else name)
+    found = {w.rsplit(".", 1)[-1] for w in wrapped}
+    if set(targets) - found:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"LoRA targets {sorted(set(targets) - found)} match no linear layer; "
+                         f"this model has: {', '.join(linears)}")
+    return wrapped
+
+
+def lora_state_dict(model) -> dict:
+    """The adapter alone, under PEFT's key names (base_model.model.<module>.lora_A.weight)."""
+    return {f"base_model.model.{k}": v.detach() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def load_lora_state_dict(model, state, source="adapter"):
+    """Load an adapter saved by lora_state_dict into a model already wrapped by add_lora."""
+    own = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    if set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise ValueError(f"{source}: adapter does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
+    model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict:
+    """The model's weights with every LoRA update merged in, under the base model's keys, so that
+    save_pretrained writes a plain HF checkpoint. Merged tensors are moved to the CPU as they are made
+    (one extra copy of each wrapped weight in host memory, not on the GPU); the model is untouched."""
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            state[f"{name}.weight"] = module.merged_weight().cpu()
+    return state
+
+
+def save_lora_adapter(model, path, base_model=None):
+    """adapter_model.safetensors + adapter_config.json (PEFT's file names, keys and config fields),
+    written atomically."""
+    from safetensors.torch import save_file
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("save_lora_adapter: the model has no LoRA layers")
+    first = layers[0][1]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.dropout.p, "bias": "none",
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
+              "fan_in_fan_out": False, "inference_mode": True}
+    tmp, commit = atomic_directory(path)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()},
+                  os.path.join(tmp, "adapter_model.safetensors"), {"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. chat templates
+# ------------------------------------------------------------------------------------------------
+# A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}. Each template is
+# written twice: as Python below, which also marks the supervised text (the loss mask), and as Jinja,
+# saved into tokenizer_config.json so that transformers' apply_chat_template renders the same text.
+# tests/test_sft.py checks that the two give the same ids.
+CHAT_ROLES = ("system", "user", "assistant")
+
+# ChatML, as Qwen uses it (without Qwen's default system prompt). bos only when the tokenizer has one:
+# Llama/Mistral-family tokenizers (and train_tokenizer.py's) start every sequence with it; Qwen's has none.
+CHATML_JINJA = (
+    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception('Unknown role: ' + message['role']) }}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Mistral's [INST] format, as in Mixtral-8x7B-Instruct-v0.1's tokenizer_config.json: one bos, a
+# system message prepended to the first user turn, eos closing every assistant turn.
+MISTRAL_JINJA = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, roles must alternate user/assistant') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system_message is defined %}"
+    "{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- ' [INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles after an optional system message') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+CHAT_TEMPLATES = {"chatml": CHATML_JINJA, "mistral": MISTRAL_JINJA}
+CHAT_SPECIAL_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>"], "mistral": []}   # beyond bos/eos
+
+
+def check_messages(messages, where="conversation"):
+    """Stop with one clear message unless `messages` is a list of {role, content} turns with a known
+    role, string content, and at least one assistant turn (else there is nothing to learn from)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"{where}: message {i} has unknown role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{where}: message {i} content must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: no assistant turn (nothing to learn from)")
+
+
+def read_conversations(path) -> list:
+    """A .jsonl file of conversations: {"messages": [...]} or Alpaca {"instruction", "input", "output"}
+    (the user turn is the instruction, then the input after a blank line when there is one).
+    Blank lines are skipped; errors name the file and line."""
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e})") from None
+            if isinstance(record, dict) and "messages" in record:
+                messages = record["messages"]
+            elif isinstance(record, dict) and "instruction" in record and "output" in record:
+                if not all(isinstance(record.get(k, ""), str) for k in ("instruction", "input", "output")):
+                    raise ValueError(f"{where}: Alpaca fields 'instruction', 'input', 'output' must be strings")
+                user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+                messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+            else:
+                raise ValueError(f"{where}: expected {{\"messages\": [...]}} or Alpaca "
+                                 f"{{\"instruction\", \"input\", \"output\"}}")
+            check_messages(messages, where)
+            conversations.append(messages)
+    if not conversations:
+        raise ValueError(f"{path}: no conversations (empty file)")
+    return conversations
+
+
+def chat_text_parts(messages, template, bos_token=None, eos_token=None, generation_prompt=False) -> list:
+    """The conversation rendered as [(text, supervised)]: the texts joined are exactly what the Jinja
+    template renders; supervised marks each assistant turn's content and its end-of-turn token."""
+    parts = [(bos_token, False)] if bos_token else []
+    if template == "chatml":
+        for m in messages:
+            if m["role"] == "assistant":
+                parts += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True), ("\n", False)]
+            else:
+                parts.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
+        if generation_prompt:
+            parts.append(("<|im_start|>assistant\n", False))
+    elif template == "mistral":
+        if eos_token is None:
+            raise ValueError("the mistral chat template needs an eos token; the tokenizer has none")
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        for i, m in enumerate(messages[1:] if system is not None else messages):
+            if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+                raise ValueError("mistral chat template: after an optional system message, "
+                                 f"roles must alternate user/assistant (turn {i} is {m['role']!r})")
+            if m["role"] == "user":
+                content = f"{system}\n\n{m['content']}" if i == 0 and system is not None else m["content"]
+                parts.append((f" [INST] {content} [/INST]", False))
+            else:
+                # the space belongs to the answer: "▁word" is its first token
+                parts.append((" " + m["content"] + eos_token, True))
+    else:
+        raise ValueError(f"unknown chat template {template!r}; known: {', '.join(CHAT_TEMPLATES)}")
+    return parts
+
+
+def _role_token(tokenizer, token_id):
+    return None if token_id is None else tokenizer.id_to_piece(token_id)
+
+
+def render_chat(messages, template, tokenizer):
+    """-> (ids, loss_mask): the token ids of a conversation and, per token, whether it is supervised
+    (each assistant turn's content and its end-of-turn token, nothing else; Vikhr §3.3).
+
+    The ids are those of encoding the whole rendered text at once, which is what apply_chat_template
+    does. A part's tokens can depend on the text before it (SentencePiece's dummy prefix, merges across
+    the seam), so parts are not encoded on their own: each seam between unsupervised and supervised
+    text is located by encoding the text up to it, whose ids must be a prefix of the whole's ids (else
+    the seam falls inside a token and the mask could not be exact, so we stop)."""
+    parts = chat_text_parts(messages, template, _role_token(tokenizer, tokenizer.bos_id),
+                            _role_token(tokenizer, tokenizer.eos_id))
+    text = "".join(t for t, _ in parts)
+    ids = tokenizer.encode(text)
+    mask, end = [], 0
+    for i, (part, supervised) in enumerate(parts):
+        end += len(part)
+        if i + 1 < len(parts) and parts[i + 1][1] == supervised:
+            continue                                  # not a seam: same flag on both sides
+        prefix = ids if end == len(text) else tokenizer.encode(text[:end])
+        if prefix != ids[:len(prefix)]:
+            raise ValueError(f"chat template {template!r}: the tokenizer joins the text on both sides of "
+                             f"{text[max(0, end - 20):end]!r}|{text[end:end + 20]!r} into one token, so the "
+                             "assistant turn cannot be masked exactly")
+        mask += [supervised] * (len(prefix) - len(mask))
+    return ids, mask
+
+
+def chat_prompt(messages, template, tokenizer):
+    """Token ids of a conversation so far, ready for the assistant's next turn (for generation)."""
+    parts = chat_text_parts(messages, template, _role_token(tokenizer, tokenizer.bos_id),
+                            _role_token(tokenizer, tokenizer.eos_id), generation_prompt=True)
+    return tokenizer.encode("".join(t for t, _ in parts))
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. training helpers
 # ------------------------------------------------------------------------------------------------
 def init_distributed():
     """Works under plain `python` and `torchrun`. Returns (rank, local_rank, world_size, device)."""

@@ -1,0 +1,497 @@
+"""
+sft.py -- instruction tuning on chat data: assistant-only loss, packed conversations, full or LoRA.
+
+The stage that turns the adapted base model into an assistant (Vikhr, Nikolich et al. 2024, §3.3):
+supervised fine-tuning on conversations, with the loss on the assistant's tokens only. Full
+fine-tuning uses Vikhr's Table 5 settings as defaults (lr 1e-5, 3 epochs, Adam betas 0.99/0.95,
+batch 3, gradient accumulation 64, sequences of 1024 tokens); LoRA (Hu et al. 2021) is the light
+alternative (--lora-rank; the ruadapt/Vikhr distillation seed used rank 128 with alpha 128..512).
+
+    python sft.py --model runs/pretrain --data ../shared/data/chat/ru_seed_tasks.messages.jsonl --out runs/sft
+    torchrun --nproc_per_node 8 sft.py --model ... --data ... --out runs/sft --lora-rank 128 --lora-alpha 256
+
+What happens, top to bottom:
+  1. read the .jsonl conversations ({"messages": [...]} or Alpaca records; model.read_conversations)
+  2. pick the chat template (ChatML or Mistral's [INST]); special tokens it needs and the vocabulary lacks
+     are added to the tokenizer, with embedding rows set to the mean of the existing ones
+  3. render every conversation to ids + loss mask (model.render_chat); over-long ones are dropped or
+     truncated (--overlong), and counted
+  4. each epoch: shuffle, then pack several conversations per row of --seq-len tokens; attention stays
+     inside each conversation and RoPE positions restart at each (model(ids, doc_ids=...))
+  5. train: loss = sum of cross-entropy over supervised tokens / their count over the whole global batch
+     (all micro-batches, all ranks), so every supervised token weighs the same
+  6. held-out loss before, during and after; atomic checkpoints and --resume; metrics.jsonl
+  7. the run directory becomes an HF model whose tokenizer_config.json carries the chat template as
+     Jinja, so transformers' apply_chat_template produces exactly the ids trained on; with LoRA the
+     adapter is merged into the weights, and also saved on its own in adapter/
+  8. a few sample answers to held-out prompts
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as M
+from model import Transformer, print0
+
+IGNORE = -100      # label of a position that predicts no supervised token
+
+
+# ------------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model and data
+    p.add_argument("--model", required=True, help="HF model directory to fine-tune (e.g. pretrain.py's output)")
+    p.add_argument("--data", nargs="+", required=True, help=".jsonl files: {\"messages\": [...]} or Alpaca records")
+    p.add_argument("--val-data", nargs="*", default=None, help="held-out .jsonl files (default: split --val-fraction off --data)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of conversations held out when no --val-data")
+    p.add_argument("--out", required=True, help="run directory: final HF model, checkpoints/, metrics.jsonl, args.json")
+    p.add_argument("--chat-template", choices=["auto", *M.CHAT_TEMPLATES], default="auto",
+                   help="auto: the model's own template if it is one of ours; else ChatML when the tokenizer "
+                        "already has <|im_start|>/<|im_end|> or the model is a Qwen; else Mistral's [INST]")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row (Vikhr Table 5)")
+    p.add_argument("--overlong", choices=["drop", "truncate"], default="drop",
+                   help="a conversation longer than --seq-len: drop it, or keep its first --seq-len tokens "
+                        "(then its last answer has no end-of-turn token, and one with no supervised token left is dropped)")
+    # optimisation (Vikhr Table 5)
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training conversations")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    p.add_argument("--beta1", type=float, default=0.99, help="Adam beta1")
+    p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in optimizer steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at this fraction of --lr")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--batch-size", type=int, default=3, help="packed rows per micro-batch per rank")
+    p.add_argument("--grad-accum", type=int, default=64, help="micro-batches per optimizer step per rank")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weight dtype (on CUDA the matmuls run in bf16 autocast either way)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights/grads/optimizer (full fine-tuning of large models)")
+    p.add_argument("--seed", type=int, default=0, help="data order and dropout")
+    # LoRA (Hu et al. 2021)
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated names of the linear layers that get an adapter")
+    # checkpoints and logging
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N optimizer steps (0: only at the end)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N optimizer steps (and at start and end)")
+    p.add_argument("--log-every", type=int, default=1, help="log line every N optimizer steps")
+    p.add_argument("--samples", type=int, default=3, help="sample answers to held-out prompts printed at the end")
+    p.add_argument("--sample-tokens", type=int, default=128, help="max new tokens per sample answer")
+    args = p.parse_args(argv)
+    args.lora_targets = [t for t in args.lora_targets.split(",") if t]
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# chat template and tokenizer
+# ------------------------------------------------------------------------------------------------
+def choose_template(requested, model_dir, cfg, tokenizer):
+    """--chat-template auto: the model's own chat_template when it is one of ours (a second SFT round),
+    else ChatML when no token has to be added for it or the model is a Qwen, else Mistral's format."""
+    if requested != "auto":
+        return requested
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            own = json.load(f).get("chat_template")
+        for name, jinja in M.CHAT_TEMPLATES.items():
+            if own == jinja:
+                return name
+    has_chatml = all(t in tokenizer.special_tokens for t in M.CHAT_SPECIAL_TOKENS["chatml"])
+    return "chatml" if has_chatml or cfg.model_type.startswith("qwen") else "mistral"
+
+
+def write_chat_tokenizer(model_dir, template, out_dir):
+    """The run's tokenizer files in out_dir: the base model's, plus each special token the template needs
+    and the vocabulary lacks, plus the template's Jinja as `chat_template` in tokenizer_config.json.
+    Returns (tokenizer, added tokens). Tokens are added as user-defined pieces at the end of the
+    SentencePiece model, so every reader (sentencepiece, tokenizer.py, transformers) knows them."""
+    from tokenizer import (ROLES, TOKENIZER_FILES, SentencePieceTokenizer, load_tokenizer, replace_dir,
+                           sp_model_pb2, write_hf_tokenizer_files)
+    tok = load_tokenizer(model_dir)
+    missing = [t for t in M.CHAT_SPECIAL_TOKENS[template] if t not in tok.special_tokens]
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(tok, SentencePieceTokenizer):
+        pb2 = sp_model_pb2()
+        proto = pb2.ModelProto()
+        proto.CopyFrom(tok.proto)
+        # tokens tokenizer_config.json added on top of the .model go in first, so their ids stay the same
+        for text in [tok.added_pieces[i] for i in sorted(tok.added_pieces)] + missing:
+            if text in missing and tok.piece_to_id(text) is not None:
+                raise ValueError(f"{model_dir}: {text!r} is an ordinary piece of the vocabulary, so it "
+                                 "cannot become the special token the chat template needs")
+            proto.pieces.add(piece=text, score=0.0, type=pb2.ModelProto.SentencePiece.USER_DEFINED)
+        roles = {r: getattr(tok, r.replace("_token", "_id")) for r in ROLES}
+        roles = {r: None if i is None else tok.id_to_piece(i) for r, i in roles.items()}
+        write_hf_tokenizer_files(proto, tmp, roles, chat_template=M.CHAT_TEMPLATES[template])
+    else:
+        if missing:
+            raise ValueError(f"{model_dir}: the tokenizer (tokenizer.json) lacks {missing}, which the {template} "
+                             "template needs, and nanoadapt adds tokens only to SentencePiece models; "
+                             "choose another --chat-template")
+        os.makedirs(tmp)
+        for name in TOKENIZER_FILES:
+            if name != "chat_template.jinja" and os.path.isfile(os.path.join(model_dir, name)):
+                shutil.copy2(os.path.join(model_dir, name), tmp)   # (a .jinja file would override ours)
+        config_path = os.path.join(tmp, "tokenizer_config.json")
+        config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+        config["chat_template"] = M.CHAT_TEMPLATES[template]
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+    replace_dir(tmp, out_dir)
+    return load_tokenizer(out_dir), missing
+
+
+@torch.no_grad()
+def add_token_rows(model, vocab_size, new_ids, base_vocab_size):
+    """Grow the embedding (and an untied head) to vocab_size rows when needed, and set the rows of the
+    added tokens to the mean of the rows of the tokens the base tokenizer has (rows past those are
+    padding, never trained, so they stay out of the mean)."""
+    def grown(w):                                                       # (V_old, d) -> (V, d)
+        out = torch.cat([w, w.new_zeros(max(0, vocab_size - w.shape[0]), w.shape[1])])
+        out[new_ids] = w[:base_vocab_size].float().mean(0).to(w.dtype)
+        return out
+    tied = model.config.tie_word_embeddings
+    model.set_vocab(grown(model.model.embed_tokens.weight), None if tied else grown(model.lm_head.weight))
+
+
+# ------------------------------------------------------------------------------------------------
+# data: render, pack, batch
+# ------------------------------------------------------------------------------------------------
+def render_all(conversations, template, tokenizer, seq_len, overlong):
+    """-> (examples [(ids, mask)], counts {kept, truncated, dropped})."""
+    examples, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
+    for messages in conversations:
+        ids, mask = M.render_chat(messages, template, tokenizer)
+        if len(ids) > seq_len:
+            if overlong == "drop" or not any(mask[:seq_len]):
+                counts["dropped"] += 1
+                continue
+            ids, mask = ids[:seq_len], mask[:seq_len]
+            counts["truncated"] += 1
+        else:
+            counts["kept"] += 1
+        examples.append((ids, mask))
+    return examples, counts
+
+
+def pack(lengths, seq_len, order):
+    """Greedy packing in the given order: each conversation joins the current row if it fits, else
+    starts a new one. -> rows, each a list of conversation indices."""
+    rows, row, used = [], [], 0
+    for i in order:
+        if row and used + lengths[i] > seq_len:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += lengths[i]
+    if row:
+        rows.append(row)
+    return rows
+
+
+def make_batch(rows, examples, seq_len, pad_id):
+    """Rows of conversation indices -> ids, labels, doc_ids, each (B, seq_len). labels[t] is ids[t+1]
+    where that token is supervised and in the same conversation, else IGNORE. An empty list of rows
+    gives one row of padding (a rank with no data left still runs its micro-steps, with zero loss)."""
+    rows = rows or [[]]
+    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    doc_ids = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for b, row in enumerate(rows):
+        t = 0
+        for doc, i in enumerate(row):
+            tokens, mask = examples[i]
+            n = len(tokens)
+            ids[b, t:t + n] = torch.tensor(tokens)
+            doc_ids[b, t:t + n] = doc
+            target = torch.tensor(tokens[1:])
+            labels[b, t:t + n - 1] = torch.where(torch.tensor(mask[1:]), target, IGNORE)
+            t += n
+        doc_ids[b, t:] = len(row)                   # padding is a document of its own
+    return ids, labels, doc_ids
+
+
+def token_losses(model, ids, labels, doc_ids):
+    """Per-position cross-entropy (fp32), 0 where labels is IGNORE. (B, T) -> (B, T)."""
+    logits = model(ids, doc_ids=doc_ids)                                        # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                           reduction="none").view(labels.shape)
+
+
+def all_reduce_sum(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def held_out_loss(model, rows, examples, args, pad_id, device, rank, world):
+    """Mean cross-entropy per supervised held-out token, over all ranks."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(rank * args.batch_size, len(rows), args.batch_size * world):
+        ids, labels, doc_ids = (t.to(device) for t in make_batch(rows[start:start + args.batch_size], examples,
+                                                                  args.seq_len, pad_id))
+        with autocast(device):
+            total += token_losses(model, ids, labels, doc_ids).sum().item()
+        count += (labels != IGNORE).sum().item()
+    model.train(was_training)
+    total, count = all_reduce_sum([total, count], device)
+    return total / max(count, 1)
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# saving
+# ------------------------------------------------------------------------------------------------
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def save_final(raw, out, state_dict, tokenizer_dir):
+    """The final model into the run directory itself (which also holds checkpoints/ and metrics.jsonl, so
+    it cannot be replaced whole): written to a temporary directory, then moved in file by file with
+    config.json last, after the old one is removed; a directory with config.json is complete."""
+    tmp = os.path.join(out, ".final")
+    raw.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
+    if os.path.exists(os.path.join(out, "config.json")):
+        os.remove(os.path.join(out, "config.json"))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    os.rmdir(tmp)
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    rank, local_rank, world, device = M.init_distributed()
+    lora = args.lora_rank > 0
+    if lora and args.fsdp:
+        raise SystemExit("--fsdp is for full fine-tuning; LoRA trains few weights and runs under plain DDP")
+    tok_dir = os.path.join(args.out, "tokenizer")
+    ckpt = M.latest_checkpoint(args.out)
+    if ckpt is not None and not args.resume:
+        raise SystemExit(f"{args.out} already holds checkpoints ({ckpt}); pass --resume, or choose another --out")
+    if args.resume and ckpt is None:
+        print0(f"--resume: no checkpoint in {args.out}, starting from the beginning")
+
+    # -- model, template, tokenizer ----------------------------------------------------------------
+    # Full fine-tuning resumes from the checkpoint's weights; LoRA from the base plus the saved adapter.
+    from_ckpt = ckpt is not None and not lora
+    raw = Transformer.from_pretrained(ckpt if from_ckpt else args.model, device=device, dtype=args.dtype)
+    base_tok = M.load_tokenizer(args.model)
+    args.chat_template = choose_template(args.chat_template, args.model, raw.config, base_tok)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        tokenizer, added = write_chat_tokenizer(args.model, args.chat_template, tok_dir)
+    if dist.is_initialized():
+        dist.barrier()                                      # rank 0 wrote the tokenizer files
+    if rank != 0:
+        tokenizer = M.load_tokenizer(tok_dir)
+        added = [t for t in M.CHAT_SPECIAL_TOKENS[args.chat_template] if t not in base_tok.special_tokens]
+    added_ids = [tokenizer.special_tokens[t] for t in added]
+    if added and not from_ckpt:
+        add_token_rows(raw, max(raw.config.vocab_size, tokenizer.vocab_size), added_ids, base_tok.vocab_size)
+    if args.chat_template == "chatml":   # generation stops at <|im_end|> (as Qwen's instruct models do)
+        im_end = tokenizer.special_tokens["<|im_end|>"]
+        raw.config.eos_token_id = [im_end] + ([tokenizer.eos_id] if tokenizer.eos_id not in (None, im_end) else [])
+    eos_ids = raw.config.eos_token_id if args.chat_template == "chatml" else tokenizer.eos_id
+    if lora:
+        wrapped = M.add_lora(raw, args.lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    trainable = [p for p in raw.parameters() if p.requires_grad]
+
+    print0("arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
+    if rank == 0:
+        write_json(os.path.join(args.out, "args.json"), vars(args))
+    print0(f"chat template: {args.chat_template}; tokens added to the vocabulary: "
+           f"{', '.join(f'{t} (id {i})' for t, i in zip(added, added_ids)) or 'none'}"
+           + (" -- their rows start at the mean and stay frozen under LoRA" if added and lora else ""))
+    print0(f"model: {raw.num_params() / 1e6:.2f}M parameters, trainable {sum(p.numel() for p in trainable) / 1e6:.2f}M"
+           + (f" (LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers)" if lora else ""))
+
+    # -- data --------------------------------------------------------------------------------------
+    conversations = [c for path in args.data for c in M.read_conversations(path)]
+    if args.val_data:
+        train_convs, val_convs = conversations, [c for path in args.val_data for c in M.read_conversations(path)]
+    else:
+        order = list(range(len(conversations)))
+        random.Random(args.seed).shuffle(order)
+        n_val = round(len(conversations) * args.val_fraction)
+        val_convs = [conversations[i] for i in order[:n_val]]
+        train_convs = [conversations[i] for i in order[n_val:]]
+    train, counts = render_all(train_convs, args.chat_template, tokenizer, args.seq_len, args.overlong)
+    val, val_counts = render_all(val_convs, args.chat_template, tokenizer, args.seq_len, args.overlong)
+    print0(f"train conversations: {counts['kept']} kept, {counts['truncated']} truncated, {counts['dropped']} "
+           f"dropped (longer than {args.seq_len} tokens, --overlong {args.overlong}); held out: {len(val)}")
+    if not train:
+        raise SystemExit("no training conversation fits --seq-len")
+    lengths = [len(ids) for ids, _ in train]
+    # the packing of every epoch is fixed by the seed, so a step number is a data position
+    epoch_rows = []
+    for epoch in range(args.epochs):
+        order = list(range(len(train)))
+        random.Random(args.seed * 1000 + epoch).shuffle(order)
+        epoch_rows.append(pack(lengths, args.seq_len, order))
+    rows_per_step = args.batch_size * args.grad_accum * world
+    schedule = [(e, k) for e, rows in enumerate(epoch_rows) for k in range(math.ceil(len(rows) / rows_per_step))]
+    total_steps = min(len(schedule), args.max_steps) if args.max_steps else len(schedule)
+    val_rows = pack([len(ids) for ids, _ in val], args.seq_len, range(len(val)))
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    sup_tokens = sum(sum(m) for _, m in train)
+    print0(f"{len(epoch_rows[0])} packed rows per epoch, {sup_tokens} supervised of {sum(lengths)} tokens; "
+           f"{total_steps} optimizer steps of {rows_per_step} rows")
+
+    # -- optimizer, resume ---------------------------------------------------------------------------
+    model = M.parallelize(raw, device, fsdp=args.fsdp)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    start_step = 0
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if ckpt is not None:
+        state = M.load_trainer_state(ckpt)
+        if lora:
+            M.load_lora_state_dict(raw, state["lora"], ckpt)
+        M.load_optimizer_state(model, optimizer, state["optimizer"])
+        start_step = state["step"]
+        print0(f"resumed from {ckpt} at step {start_step}")
+        if rank == 0 and os.path.isfile(metrics_path):          # drop records of steps after the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+
+    def log(record):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(step):
+        weights, optim_state = M.full_state_dict(model, optimizer)     # a collective under FSDP
+        if lora and rank == 0:
+            weights = M.merged_state_dict(raw)           # the checkpoint is a plain HF model; adapter in the state
+        if rank == 0:
+            trainer_state = {"step": step, "optimizer": optim_state}
+            if lora:
+                trainer_state["lora"] = M.lora_state_dict(raw)
+            M.save_checkpoint(args.out, step, raw, trainer_state, tokenizer_dir=tok_dir, keep=args.keep,
+                              state_dict=weights)
+        if dist.is_initialized():
+            dist.barrier()
+
+    peak = M.gpu_peak_flops(device)
+    # frozen weights get no weight gradient: about 4 instead of 6 FLOPs per parameter and token
+    flops_per_token = raw.flops_per_token(args.seq_len) * (4 / 6 if lora else 1)
+    if start_step == 0:
+        loss0 = held_out_loss(model, val_rows, val, args, pad_id, device, rank, world) if val else float("nan")
+        print0(f"step 0: held-out loss {loss0:.4f}")
+        log({"step": 0, "val_loss": loss0})
+
+    # -- training loop -------------------------------------------------------------------------------
+    model.train()
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=rank != 0,
+                    desc="sft", dynamic_ncols=True)
+    for step in progress:
+        t0 = time.time()
+        # dropout randomness is a function of (seed, step, rank): a resumed run draws the same masks
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
+        lr = M.lr_at(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch, k = schedule[step]
+        step_rows = epoch_rows[epoch][k * rows_per_step:(k + 1) * rows_per_step]
+        # every rank runs the same number of micro-steps (DDP all-reduces in each backward)
+        n_micro = math.ceil(len(step_rows) / (args.batch_size * world))
+        batches = [make_batch(step_rows[(m * world + rank) * args.batch_size:(m * world + rank + 1) * args.batch_size],
+                              train, args.seq_len, pad_id) for m in range(n_micro)]
+        # the loss is normalised by the supervised tokens of the whole global batch, counted up front
+        my_rows = [row for m in range(n_micro)
+                   for row in step_rows[(m * world + rank) * args.batch_size:(m * world + rank + 1) * args.batch_size]]
+        n_sup, n_tokens = all_reduce_sum([sum((lb != IGNORE).sum().item() for _, lb, _ in batches),
+                                          sum(lengths[i] for row in my_rows for i in row)], device)
+        loss_sum = torch.zeros((), device=device)
+        for m, (ids, labels, doc_ids) in enumerate(batches):
+            ids, labels, doc_ids = ids.to(device), labels.to(device), doc_ids.to(device)
+            M.set_grad_sync(model, m == n_micro - 1)         # one all-reduce per optimizer step
+            with autocast(device):
+                loss = token_losses(model, ids, labels, doc_ids).sum()
+            # DDP averages gradients over ranks; times world makes the sum over ranks / global count
+            (loss * world / max(n_sup, 1)).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = all_reduce_sum([loss_sum.item()], device)[0] / max(n_sup, 1)
+
+        done = step + 1
+        dt = time.time() - t0
+        record = {"step": done, "epoch": epoch, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                  "supervised_tokens": int(n_sup), "tokens_per_s": n_tokens / dt}
+        if peak:
+            record["mfu"] = flops_per_token * n_tokens / dt / (peak * world)
+        if val and (done % args.eval_every == 0 or done == total_steps):
+            record["val_loss"] = held_out_loss(model, val_rows, val, args, pad_id, device, rank, world)
+        log(record)
+        progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+        if rank == 0 and (done % args.log_every == 0 or "val_loss" in record):
+            progress.write(f"step {done}/{total_steps} epoch {epoch} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                           f"{record['tokens_per_s']:.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if peak else "")
+                           + (f" | held-out {record['val_loss']:.4f}" if "val_loss" in record else ""))
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            checkpoint(done)
+    progress.close()
+
+    # -- final model ---------------------------------------------------------------------------------
+    weights = M.full_state_dict(model)[0]                    # a collective under FSDP
+    if lora and rank == 0:
+        weights = M.merged_state_dict(raw)
+    if rank == 0:
+        save_final(raw, args.out, weights, tok_dir)
+        if lora:
+            M.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.model))
+        print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
+
+    # -- sample answers ------------------------------------------------------------------------------
+    if rank == 0 and args.samples > 0 and not args.fsdp:
+        raw.eval()
+        for messages in (val_convs or train_convs)[:args.samples]:
+            first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt = M.chat_prompt(messages[:first_answer], args.chat_template, tokenizer)
+            with autocast(device):
+                answer = M.generate(raw, [prompt], args.sample_tokens, eos_id=eos_ids,
+                                    vocab_limit=tokenizer.vocab_size)[0]
+            print0(f"\n--- prompt: {messages[first_answer - 1]['content'][:300]}\n--- answer: "
+                   f"{tokenizer.decode(answer).strip()}\n--- reference: {messages[first_answer]['content'][:300]}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
