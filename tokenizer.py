@@ -390,11 +390,6 @@ def load_tokenizer(path):
     raise FileNotFoundError(f"{path}: no tokenizer found (expected tokenizer.model or tokenizer.json)")
 
 
-def sp_piece_kind(proto, i):
-    """"normal", "unknown", "control", "user_defined", "unused" or "byte" for piece i of a ModelProto."""
-    return sp_model_pb2().ModelProto.SentencePiece.Type.Name(proto.pieces[i].type).lower()
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # writing Hugging Face tokenizer files
 
