@@ -1,0 +1,525 @@
+"""Flash attention in Triton: forward and backward, causal, GQA, sliding window, packed documents.
+
+This is the FlashAttention-2 algorithm (Tri Dao, "FlashAttention-2: Faster Attention with Better
+Parallelism and Work Partitioning", 2023), written to be read:
+
+  forward   one program per (batch, query head, block of BLOCK_M queries). It walks the keys in
+            blocks of BLOCK_N keeping a running max m, running sum l and an unnormalised output
+            (the "online softmax"), so the T×T score matrix never exists in memory. Scores are kept
+            in base 2 (log2(e) is folded into the scale, exp2 is what the hardware has). It saves
+            the log-sum-exp per query row (base 2) for the backward.
+  backward  three kernels and no atomics, so every result is bitwise reproducible:
+            1. Δ = rowsum(dO ∘ O) per query row (the softmax backward's correction term);
+            2. dK, dV: one program per (batch, KV head, block of keys) that recomputes P for every
+               query block that can see its keys, over all G query heads sharing this KV head (GQA),
+               so dK/dV are accumulated in registers and written once;
+            3. dQ: one program per (batch, query head, block of queries), walking keys like forward.
+
+Which key s a query t may see (always causal):
+    s <= t  and  s >= doc_start[b, t] (packed documents)  and  t - s < window (sliding window)
+The window has transformers' Mistral semantics: `window` keys including the query itself
+(transformers.masking_utils: kv_idx > q_idx - sliding_window). Every loop is bounded by the first
+and last block that can hold a visible pair, so a window costs O(T·window) and packed documents
+cost the sum of squared document lengths, not T². Blocks where every pair is visible run without
+building a mask; only blocks that cross the diagonal, the window edge, a document edge or the end of
+the sequence pay for one.
+
+Public API:
+    flash_attention(q, k, v, doc_start=None, window=None, scale=None) -> o
+    supports(q, k, v) -> bool     whether this kernel handles these tensors (else use SDPA)
+
+On CPU it runs under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported):
+slow, for tests only, fp16/fp32 (numpy has no bfloat16).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Block sizes. Fixed per (head dim, dtype), not autotuned: a different block size sums in a different
+# order, and we promise bitwise-identical results from run to run and process to process.
+# The GPU numbers were chosen with `python bench/attention.py --sweep` on an H100 (bf16).
+# Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+_GPU_CONFIGS = {
+    # head dim: {kernel: config}
+    16: dict(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 3), dq=(64, 64, 4, 3)),
+    32: dict(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 3), dq=(64, 64, 4, 3)),
+    64: dict(fwd=(128, 64, 4, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
+    128: dict(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
+}
+# Under the interpreter every op is a numpy call, so only the number of blocks matters; BLOCK_M !=
+# BLOCK_N on purpose, so the tests exercise the block-boundary arithmetic in its general form.
+_INTERPRETER_CONFIG = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
+
+
+def _config(head_dim):
+    return _INTERPRETER_CONFIG if _interpreting() else _GPU_CONFIGS[head_dim]
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+
+@triton.jit
+def _visible(t, s, t_doc_start, T, window, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Boolean tile: may query t see key s? t and s come broadcast ((M,1) and (1,N) or the transpose)."""
+    ok = (s <= t) & (t < T)  # causal; also drops the padding rows past the end of the sequence
+    if HAS_WINDOW:
+        ok &= t - s < window
+    if HAS_DOCS:
+        ok &= s >= t_doc_start
+    return ok
+
+
+@triton.jit
+def _query_block_bounds(m0, b, DOC_START, stride_db, T, window,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Key range for the queries [m0, m0 + BLOCK_M), split into three loops:
+    [lo, mid_lo) masked, [mid_lo, mid_hi) every pair visible (no mask), [mid_hi, hi) masked."""
+    last = tl.minimum(m0 + BLOCK_M, T) - 1  # last real query row of the block
+    hi = last + 1  # causal: no key past the last query
+    lo = 0  # first key any row can see
+    full_lo = 0  # first key every row can see
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 - window + 1, 0)
+        full_lo = tl.maximum(last - window + 1, 0)
+    if HAS_DOCS:
+        # doc_start is non-decreasing along T: the first row's is the smallest, the last row's the largest
+        lo = tl.maximum(lo, tl.load(DOC_START + b * stride_db + m0))
+        full_lo = tl.maximum(full_lo, tl.load(DOC_START + b * stride_db + last))
+    lo = lo // BLOCK_N * BLOCK_N
+    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_hi = (m0 + 1) // BLOCK_N * BLOCK_N  # key blocks wholly at or left of the first row's diagonal
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, t_doc_start,
+               start, stop, T, window, qk_scale,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN) scores, base 2
+        if MASKED:
+            ok = _visible(offs_m[:, None], offs_n[None, :], t_doc_start[:, None], T, window,
+                          HAS_WINDOW, HAS_DOCS)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # a row with nothing visible so far keeps m = -inf; subtract 0 instead, so that
+            # exp2(-inf - -inf) = NaN never happens and its p stays exactly 0
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_new[:, None])  # (BM, BN)
+        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, DOC_START,
+                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_db,
+                H, T, GROUP, window, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+    # Heaviest (last) query blocks first: under causal masking they have the most keys, and starting
+    # them early keeps the last wave of programs short.
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP  # GQA: the KV head this query head reads
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    t_doc_start = offs_m  # unused unless HAS_DOCS
+    if HAS_DOCS:
+        t_doc_start = tl.load(DOC_START + b * stride_db + offs_m, mask=row_ok, other=0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (base 2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # running sum of exp2(score - m_i) · v
+
+    lo, mid_lo, mid_hi, hi = _query_block_bounds(m0, b, DOC_START, stride_db, T, window,
+                                                 BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS)
+    if HAS_WINDOW or HAS_DOCS:  # left edge: the window or document starts inside these blocks
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                   t_doc_start, lo, mid_lo, T, window, qk_scale, BLOCK_N, HEAD_DIM,
+                                   True, HAS_WINDOW, HAS_DOCS, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                               t_doc_start, mid_lo, mid_hi, T, window, qk_scale, BLOCK_N, HEAD_DIM,
+                               False, HAS_WINDOW, HAS_DOCS, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                               t_doc_start, mid_hi, hi, T, window, qk_scale, BLOCK_N, HEAD_DIM,
+                               True, HAS_WINDOW, HAS_DOCS, PRECISION)
+
+    # A row that saw no key (only padding rows past T, or doc_start > t) gets o = 0 and lse = +inf,
+    # which makes its probabilities exactly 0 in the backward too.
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot,
+                      stride_dob, stride_doh, stride_dot, H, T,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Δ_t = Σ_d dO_td · O_td = Σ_s P_ts · dP_ts: what the softmax backward subtracts from dP.
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC_START_B,
+                    stride_qt, stride_dot, offs_n, start, stop, T, window, qk_scale,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+    # Works in the transposed frame (keys × queries) so that dK and dV come out as (BLOCK_N, D)
+    # products without transposing the accumulators.
+    offs_d = tl.arange(0, HEAD_DIM)
+    for m0 in range(start, stop, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
+        if MASKED:
+            row_ok = offs_m < T
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BN, BM) scores, base 2
+        p_t = tl.exp2(s_t - lse[None, :])  # probabilities, recomputed from the saved log-sum-exp
+        if MASKED:
+            t_doc_start = offs_m
+            if HAS_DOCS:
+                t_doc_start = tl.load(DOC_START_B + offs_m, mask=offs_m < T, other=0)
+            ok = _visible(offs_m[None, :], offs_n[:, None], t_doc_start[None, :], T, window,
+                          HAS_WINDOW, HAS_DOCS)
+            p_t = tl.where(ok, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += Pᵀ dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO Vᵀ)ᵀ
+        ds_t = p_t * (dp_t - delta[None, :])  # dS = P ∘ (dP - Δ), unscaled
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)  # dK += dSᵀ Q
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, Q_END,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                     stride_db, H, HKV, T, GROUP, window, qk_scale, sm_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+    # Key blocks near the start of the sequence are seen by the most queries: run them first.
+    n0 = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < T
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    # Query range for the keys [n0, n0 + BLOCK_N), split like the forward's key range:
+    # [lo, mid_lo) masked (diagonal), [mid_lo, mid_hi) every pair visible, [mid_hi, hi) masked.
+    last = tl.minimum(n0 + BLOCK_N, T) - 1  # last real key of the block
+    lo = n0 // BLOCK_M * BLOCK_M  # causal: no query before the first key
+    hi = T  # one past the last query any key can see
+    full_hi = T  # one past the last query that sees every key
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, last + window)
+        full_hi = tl.minimum(full_hi, n0 + window)
+    if HAS_DOCS:
+        # Q_END[s] = number of rows t with doc_start[t] <= s: the end of the document holding s
+        hi = tl.minimum(hi, tl.load(Q_END + b * stride_db + last))
+        full_hi = tl.minimum(full_hi, tl.load(Q_END + b * stride_db + n0))
+    full_lo = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M  # query blocks wholly at or below the diagonal
+    full_hi = full_hi // BLOCK_M * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
+
+    DOC_START_B = DOC_START + b * stride_db
+    for g in range(GROUP):  # GQA: every query head that reads this KV head adds into dK, dV
+        h = hk * GROUP + g
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        lse_base = LSE + (b * H + h).to(tl.int64) * T
+        delta_base = DELTA + (b * H + h).to(tl.int64) * T
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC_START_B,
+                                 stride_qt, stride_dot, offs_n, lo, mid_lo, T, window, qk_scale,
+                                 BLOCK_M, HEAD_DIM, True, HAS_WINDOW, HAS_DOCS, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC_START_B,
+                                 stride_qt, stride_dot, offs_n, mid_lo, mid_hi, T, window, qk_scale,
+                                 BLOCK_M, HEAD_DIM, False, HAS_WINDOW, HAS_DOCS, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC_START_B,
+                                 stride_qt, stride_dot, offs_n, mid_hi, hi, T, window, qk_scale,
+                                 BLOCK_M, HEAD_DIM, True, HAS_WINDOW, HAS_DOCS, PRECISION)
+
+    dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀ Q
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=key_ok[:, None])
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=key_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, t_doc_start,
+                  start, stop, T, window, qk_scale,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN)
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            ok = _visible(offs_m[:, None], offs_n[None, :], t_doc_start[:, None], T, window,
+                          HAS_WINDOW, HAS_DOCS)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dP = dO Vᵀ
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # dQ += dS K
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                   stride_dqb, stride_dqh, stride_dqt, stride_db,
+                   H, T, GROUP, window, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest blocks first
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    t_doc_start = offs_m
+    if HAS_DOCS:
+        t_doc_start = tl.load(DOC_START + b * stride_db + offs_m, mask=row_ok, other=0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _query_block_bounds(m0, b, DOC_START, stride_db, T, window,
+                                                 BLOCK_M, BLOCK_N, HAS_WINDOW, HAS_DOCS)
+    if HAS_WINDOW or HAS_DOCS:
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                           t_doc_start, lo, mid_lo, T, window, qk_scale, BLOCK_N, HEAD_DIM,
+                           True, HAS_WINDOW, HAS_DOCS, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                       t_doc_start, mid_lo, mid_hi, T, window, qk_scale, BLOCK_N, HEAD_DIM,
+                       False, HAS_WINDOW, HAS_DOCS, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                       t_doc_start, mid_hi, hi, T, window, qk_scale, BLOCK_N, HEAD_DIM,
+                       True, HAS_WINDOW, HAS_DOCS, PRECISION)
+
+    dq *= sm_scale  # dQ = scale · dS K
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd wrapper
+
+def _last_dim_contiguous(x):
+    # the kernels index (b, h, t) by stride and assume the head dim is packed (16-byte loads)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _empty_bthd(B, H, T, D, like):
+    # (B, T, H, D) memory seen as (B, H, T, D): model.py's o.transpose(1, 2).reshape(B, T, H*D) is free
+    return torch.empty(B, T, H, D, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+class _FlashAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, doc_start, window, scale):
+        B, H, T, D = q.shape
+        HKV = k.shape[1]
+        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        has_docs = doc_start is not None
+        if has_docs:
+            doc_start = doc_start.to(device=q.device, dtype=torch.int32).contiguous()  # (B, T)
+            positions = torch.arange(T, device=q.device, dtype=torch.int32).expand(B, T).contiguous()
+            # q_end[b, s] = number of rows t with doc_start[b, t] <= s: for a key s, every query that
+            # can see it lies before q_end (the dK/dV kernel stops its query loop there)
+            q_end = torch.searchsorted(doc_start, positions, right=True).to(torch.int32)
+        else:
+            doc_start = q_end = torch.zeros(1, device=q.device, dtype=torch.int32)  # never read
+        has_window = window is not None and window < T  # a window >= T hides nothing
+        window = int(window) if has_window else 0
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests must not use TF32
+
+        o = _empty_bthd(B, H, T, D, q)
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # base-2 log-sum-exp
+        BM, BN, warps, stages = _config(D)["fwd"]
+        _fwd_kernel[(triton.cdiv(T, BM), B * H)](
+            q, k, v, o, lse, doc_start,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], doc_start.stride(0),
+            H, T, H // HKV, window, scale * LOG2_E,
+            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, HAS_WINDOW=has_window, HAS_DOCS=has_docs,
+            PRECISION=precision, num_warps=warps, num_stages=stages)
+
+        ctx.save_for_backward(q, k, v, o, lse, doc_start, q_end)
+        ctx.window, ctx.scale, ctx.precision = window, scale, precision
+        ctx.has_window, ctx.has_docs = has_window, has_docs
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, doc_start, q_end = ctx.saved_tensors
+        B, H, T, D = q.shape
+        HKV = k.shape[1]
+        do = _last_dim_contiguous(do)
+        cfg = _config(D)
+        flags = dict(HAS_WINDOW=ctx.has_window, HAS_DOCS=ctx.has_docs, PRECISION=ctx.precision)
+        qk_scale = ctx.scale * LOG2_E
+
+        delta = torch.empty_like(lse)  # (B, H, T) fp32
+        BM = 64
+        _bwd_delta_kernel[(triton.cdiv(T, BM), B * H)](
+            o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM)
+
+        dq = _empty_bthd(B, H, T, D, q)
+        dk = _empty_bthd(B, HKV, T, D, k)
+        dv = _empty_bthd(B, HKV, T, D, v)
+        BM, BN, warps, stages = cfg["dkdv"]
+        _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
+            q, k, v, do, lse, delta, dk, dv, doc_start, q_end,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dk.stride()[:3], *dv.stride()[:3], doc_start.stride(0),
+            H, HKV, T, H // HKV, ctx.window, qk_scale, ctx.scale,
+            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
+        BM, BN, warps, stages = cfg["dq"]
+        _bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](
+            q, k, v, do, lse, delta, dq, doc_start,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dq.stride()[:3], doc_start.stride(0),
+            H, T, H // HKV, ctx.window, qk_scale, ctx.scale,
+            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
+        return dq, dk, dv, None, None, None
+
+
+def supports(q, k, v):
+    """True when flash_attention handles these tensors; otherwise use F.scaled_dot_product_attention."""
+    if not (q.dim() == k.dim() == v.dim() == 4) or k.shape != v.shape:
+        return False
+    B, H, T, D = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or H % k.shape[1] != 0:
+        return False  # no KV cache (queries and keys must cover the same positions)
+    if D not in HEAD_DIMS or not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        return False
+    if q.device.type == "cuda":
+        if q.dtype == torch.bfloat16:
+            return torch.cuda.get_device_capability(q.device)[0] >= 8
+        return q.dtype in (torch.float16, torch.float32)
+    if q.device.type == "cpu" and _interpreting():
+        return q.dtype in (torch.float16, torch.float32)  # numpy has no bfloat16
+    return False
+
+
+def flash_attention(q, k, v, doc_start=None, window=None, scale=None):
+    """Causal attention softmax(scale · q kᵀ + mask) v without materialising the T×T matrix.
+
+    q: (B, Hq, T, D); k, v: (B, Hkv, T, D) with Hq % Hkv == 0 (GQA: query head h reads KV head
+    h // (Hq // Hkv)). Any strides with the head dim packed (e.g. x.view(B, T, H, D).transpose(1, 2)).
+    doc_start: optional int tensor (B, T), non-decreasing along T: the first position of each
+    position's document (packed sequences). A value > t makes row t see nothing (its output is 0).
+    window: optional int W >= 1, transformers' Mistral sliding window: W keys, the query included.
+    Query t sees key s iff s <= t, s >= doc_start[b, t] and t - s < W.
+    scale: defaults to D ** -0.5.
+    Returns o: (B, Hq, T, D) in q's dtype (memory laid out as (B, T, Hq, D)); differentiable in q, k, v.
+    """
+    if not supports(q, k, v):
+        raise ValueError(f"flash_attention does not support q {tuple(q.shape)} {q.dtype} {q.device}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)} (see supports())")
+    B, H, T, D = q.shape
+    if doc_start is not None and tuple(doc_start.shape) != (B, T):
+        raise ValueError(f"doc_start must have shape {(B, T)}, got {tuple(doc_start.shape)}")
+    if window is not None and int(window) < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    scale = D ** -0.5 if scale is None else float(scale)
+    return _FlashAttention.apply(q, k, v, doc_start, window, scale)
