@@ -1,0 +1,875 @@
+"""Continued pretraining with a KL term to a frozen reference: Vikhr's recipe for teaching an
+English-oriented LLM a new language without making it forget what it knew.
+
+    L = CE(P_model, data) + β · KL(P_model ‖ P_ref)          (Vikhr, Nikolich et al. 2024, Eq. 1)
+
+P_ref is the frozen starting model (or any --kl-ref with the same vocabulary, or one whose vocabulary
+is a prefix of the model's: see `kl_to_reference`). Vikhr's ablation: without the KL term Russian
+perplexity was 8.1 and ruXNLI 0.34; with it, 7.2 and 0.45. The optimiser defaults are Vikhr's Table 3
+(AdamW lr 1e-3, betas 0.99/0.95, eps 1e-8, 10 warmup steps, micro-batch 3, accumulation 128, seq 1024).
+
+    python pretrain.py --model runs/adapted --data ru.jsonl:0.8 en.txt:0.2 --out runs/pretrain
+    torchrun --nproc_per_node 8 pretrain.py --model ... --data ... --out ...
+    python pretrain.py --init-config tiny.json --tokenizer tok/ --kl-weight 0 --data en/ --out runs/base
+
+Sections, in order:
+  1. arguments
+  2. data: documents read from .txt/.jsonl, tokenized once (multi-process) into a memmapped cache
+  3. data: sources mixed by weight, packed into rows of --seq-len, sharded over ranks; held-out rows
+  4. the loss: cross-entropy and KL to the reference, in fp32, a chunk of positions at a time
+  5. model, reference, optimiser
+  6. the training loop: accumulation, DDP, logging, held-out bits per byte, checkpoints, resume
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import (Config, Transformer, full_state_dict, gpu_peak_flops, init_distributed, latest_checkpoint,
+                   load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, parallelize, save_checkpoint,
+                   set_grad_sync)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. arguments
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # model: an HF checkpoint to continue, or a random init from a config.json
+    p.add_argument("--model", metavar="DIR", help="start from this HF model directory")
+    p.add_argument("--init-config", metavar="FILE",
+                   help="start from random weights with this config.json (needs --tokenizer)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: --model's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the trained weights and optimiser state (default float32: fp32 master weights "
+                        "under bf16 autocast; bfloat16 halves their memory at some cost in update precision)")
+    # data
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH[:WEIGHT]",
+                   help=".txt (documents separated by a blank line) or .jsonl (a 'text' field) files, or "
+                        "directories of them; each PATH is one source, sampled in proportion to WEIGHT (default 1)")
+    p.add_argument("--eval-data", nargs="*", default=[], metavar="PATH",
+                   help="sources only evaluated, never trained on (e.g. English while training on Russian)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="the last this fraction of every file's tokens is held out (default %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=131072,
+                   help="held-out tokens per source scored for bits per byte (default %(default)s)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where tokenized corpora are cached (default: token_cache/ next to --out)")
+    p.add_argument("--tokenize-workers", type=int, default=os.cpu_count(),
+                   help="processes for tokenizing (default: all cores, %(default)s)")
+    p.add_argument("--tokenize-only", action="store_true",
+                   help="fill the token cache and exit (e.g. once before a multi-node torchrun)")
+    # KL to the reference (Vikhr Eq. 1)
+    p.add_argument("--kl-weight", type=float, default=1.0, help="β in CE + β·KL; 0 turns the term off (default %(default)s)")
+    p.add_argument("--kl-ref", metavar="DIR",
+                   help="frozen reference model (default: the starting --model), held in the compute dtype")
+    p.add_argument("--kl-direction", default="reverse", choices=["reverse", "forward"],
+                   help="reverse: KL(P_model‖P_ref) as in Eq. 1 (default); forward: KL(P_ref‖P_model)")
+    # optimisation (defaults: Vikhr Table 3)
+    p.add_argument("--train-only", default="all", choices=["all", "embeddings"],
+                   help="train all weights (default), or only embed_tokens and lm_head")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default %(default)s)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="cosine decay ends at this fraction of --lr (default %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, optimiser steps (default %(default)s)")
+    p.add_argument("--max-steps", type=int,
+                   help="optimiser steps (default: one pass over the training tokens of all sources)")
+    p.add_argument("--batch-size", type=int, default=3, help="rows per micro-batch, per GPU (default %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=128,
+                   help="micro-batches per optimiser step, per GPU; global batch = GPUs × this × --batch-size rows "
+                        "(default %(default)s)")
+    p.add_argument("--beta1", type=float, default=0.99, help="AdamW β1 (default %(default)s)")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW β2 (default %(default)s)")
+    p.add_argument("--eps", type=float, default=1e-8, help="AdamW ε (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay on matrices; not given in Vikhr Table 3 (default %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the global gradient norm to this; 0 = off (default %(default)s)")
+    p.add_argument("--loss-chunk", type=int, default=1024,
+                   help="positions whose fp32 logits exist at once in the loss (default %(default)s)")
+    # system
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard weights, gradients and optimiser state over GPUs (FSDP2) instead of "
+                        "replicating them (DDP): what full training of a 7B model needs; the reference is sharded too")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each layer in the backward pass: less memory, about 1/3 more compute")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random init and the data order (default %(default)s)")
+    # output and logging
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run directory: final model (HF format), checkpoints/, metrics.jsonl, args.json")
+    p.add_argument("--log-every", type=int, default=1, help="optimiser steps between log lines (default %(default)s)")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="optimiser steps between held-out evaluations; 0 = at the start and end only (default %(default)s)")
+    p.add_argument("--save-every", type=int, default=500,
+                   help="optimiser steps between checkpoints; 0 = none (default %(default)s)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out: weights, optimiser, schedule, data position, RNG")
+    args = p.parse_args(argv)
+
+    if (args.model is None) == (args.init_config is None):
+        p.error("give exactly one of --model DIR and --init-config FILE")
+    if args.init_config and not args.tokenizer:
+        p.error("--init-config needs --tokenizer DIR")
+    if args.init_config and args.kl_weight > 0 and not args.kl_ref:
+        p.error("--init-config starts from random weights, which are no reference to stay close to: "
+                "pass --kl-weight 0, or --kl-ref DIR")
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val-fraction must be in [0, 1)")
+    args.tokenizer = args.tokenizer or args.model
+    args.cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "token_cache")
+    return args
+
+
+def parse_source(spec: str):
+    """'PATH:WEIGHT' or 'PATH' -> (path, weight)."""
+    path, _, weight = spec.rpartition(":")
+    try:
+        w = float(weight)
+    except ValueError:
+        return spec, 1.0
+    if not path or not w > 0:
+        raise ValueError(f"--data {spec}: the weight after ':' must be a positive number")
+    return path, w
+
+
+def source_files(path: str) -> list[str]:
+    """A .txt/.jsonl file, or every .txt/.jsonl file in a directory (sorted, so the order is stable)."""
+    ok = (".txt", ".jsonl")
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(ok))
+        if not files:
+            raise ValueError(f"{path}: no .txt or .jsonl files in this directory")
+        return files
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if not path.endswith(ok):
+        raise ValueError(f"{path}: expected a .txt or .jsonl file")
+    return [path]
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. data: documents, tokenized once into a memmapped cache
+# ------------------------------------------------------------------------------------------------
+CACHE_VERSION = 1
+
+
+def read_documents(path):
+    """The documents of one file: paragraphs separated by a blank line (.txt), or the 'text' field of
+    each line (.jsonl). A .txt without blank lines is one document; packing cuts it into rows."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                        raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
+                    if obj["text"].strip():
+                        yield obj["text"]
+            else:
+                lines = []
+                for line in f:
+                    if line.strip():
+                        lines.append(line)
+                    elif lines:
+                        yield "".join(lines).rstrip("\n")
+                        lines = []
+                if lines:
+                    yield "".join(lines).rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def tokenizer_fingerprint(tok_path: str) -> str:
+    """A hash of the tokenizer's files: a cache made with another tokenizer is never reused."""
+    from tokenizer import TOKENIZER_FILES
+    h = hashlib.sha256()
+    paths = [tok_path] if os.path.isfile(tok_path) else \
+        [os.path.join(tok_path, n) for n in sorted(TOKENIZER_FILES) if os.path.isfile(os.path.join(tok_path, n))]
+    if not paths:
+        raise FileNotFoundError(f"{tok_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    for path in paths:
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def cache_dir_for(path: str, tok_fp: str, cache_root: str) -> str:
+    """token_cache/<file stem>-<hash of (path, size, mtime, tokenizer)>: an edited file is tokenized anew."""
+    st = os.stat(path)
+    key = json.dumps([CACHE_VERSION, os.path.abspath(path), st.st_size, st.st_mtime_ns, tok_fp])
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(cache_root, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tok_path):
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tok_path)
+
+
+def encode_document(text: str) -> np.ndarray:
+    """One document -> [BOS] ids [EOS] (BOS when the tokenizer has one, as Llama/Mistral were trained)."""
+    tok = _worker_tokenizer
+    return np.asarray(tok.encode(text, add_bos=tok.bos_id is not None, add_eos=True), dtype=np.int64)
+
+
+class CacheWriter:
+    """Writes tokens.npy (streamed: the .npy header is rewritten once the length is known),
+    offsets.npy (document starts) and meta.json (last) into a temporary directory, then renames it
+    into place, so a half-written cache is never taken for complete."""
+
+    def __init__(self, final_dir: str, dtype, source: str):
+        self.final_dir, self.dtype, self.source = final_dir, np.dtype(dtype), source
+        os.makedirs(os.path.dirname(final_dir), exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=os.path.dirname(final_dir))
+        os.chmod(self.tmp, 0o755)            # mkdtemp makes it private; the cache is shared by runs and users
+        self.f = open(os.path.join(self.tmp, "tokens.npy"), "wb")
+        self.header_len = len(self._header(0))
+        self.f.write(b"\0" * self.header_len)
+        self.n_tokens, self.doc_starts, self.max_id = 0, [], -1
+
+    def _header(self, n):
+        import io
+        buf = io.BytesIO()
+        # numpy pads 1-D headers with room for the shape to grow, so the length does not depend on n
+        np.lib.format.write_array_header_1_0(
+            buf, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)})
+        return buf.getvalue()
+
+    def add(self, ids: np.ndarray):
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
+            raise ValueError(f"{self.source}: the tokenizer produced id {ids.max()}, which does not fit {self.dtype}")
+        self.doc_starts.append(self.n_tokens)
+        self.f.write(ids.astype(self.dtype).tobytes())
+        self.n_tokens += ids.size
+        self.max_id = max(self.max_id, int(ids.max()))
+
+    def commit(self, meta: dict):
+        header = self._header(self.n_tokens)
+        assert len(header) == self.header_len, "npy header length changed"
+        self.f.seek(0)
+        self.f.write(header)
+        self.f.close()
+        np.save(os.path.join(self.tmp, "offsets.npy"), np.asarray(self.doc_starts + [self.n_tokens], dtype=np.int64))
+        with open(os.path.join(self.tmp, "meta.json"), "w") as f:
+            json.dump({**meta, "n_tokens": self.n_tokens, "n_docs": len(self.doc_starts), "max_id": self.max_id,
+                       "dtype": self.dtype.name}, f, indent=2)
+        try:
+            os.rename(self.tmp, self.final_dir)
+        except OSError:        # another process (another node on a shared disk) finished it first
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def discard(self):
+        self.f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def tokenize_files(files, tok_path, cache_dirs, workers, vocab_size, batch_chars=64 << 20):
+    """Tokenize `files` into their caches: documents of all files are fed to a process pool in
+    batches of ~batch_chars characters (so a directory of one-document books still uses every
+    worker, and a 100 GB jsonl never sits in memory), results come back in order."""
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    pool = multiprocessing.Pool(workers, _init_worker, (tok_path,)) if workers > 1 else None
+    if pool is None:
+        _init_worker(tok_path)
+    bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="tokenizing")
+    writer = None
+
+    def documents():
+        for i, path in enumerate(files):
+            n = 0
+            for text in read_documents(path):
+                n += 1
+                yield i, text
+            if n == 0:
+                raise ValueError(f"{path}: no text (empty corpus)")
+
+    def write(batch):
+        nonlocal writer
+        texts = [t for _, t in batch]
+        ids_list = pool.map(encode_document, texts, chunksize=max(1, len(texts) // (4 * workers))) \
+            if pool else [encode_document(t) for t in texts]
+        for (i, text), ids in zip(batch, ids_list):
+            if writer is None or writer.source != files[i]:
+                if writer is not None:
+                    writer.commit(meta_of(writer.source))
+                writer = CacheWriter(cache_dirs[files[i]], dtype, files[i])
+            writer.add(ids)
+            bar.update(len(text.encode("utf-8")))
+
+    def meta_of(path):
+        return {"source": os.path.abspath(path), "tokenizer": os.path.abspath(tok_path), "version": CACHE_VERSION}
+
+    try:
+        batch, chars = [], 0
+        for i, text in documents():
+            batch.append((i, text))
+            chars += len(text)
+            if chars >= batch_chars:
+                write(batch)
+                batch, chars = [], 0
+        write(batch)
+        if writer is not None:
+            writer.commit(meta_of(writer.source))
+            writer = None
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.discard()
+        if pool is not None:
+            pool.terminate()
+
+
+class TokenFile:
+    """One tokenized file: tokens (n,) and document starts (n_docs + 1,), memmapped. Tokens
+    [0, n_train) are for training; the rest is the held-out split."""
+
+    def __init__(self, path, cache_dir, val_fraction):
+        self.path = path
+        self.tokens = np.load(os.path.join(cache_dir, "tokens.npy"), mmap_mode="r")
+        self.offsets = np.load(os.path.join(cache_dir, "offsets.npy"), mmap_mode="r")
+        with open(os.path.join(cache_dir, "meta.json")) as f:
+            self.meta = json.load(f)
+        n = len(self.tokens)
+        self.n_train = n - int(n * val_fraction)
+
+    def row(self, start: int, seq_len: int):
+        """Tokens [start, start + T + 1) -> input ids, doc ids, labels, each (T,) int64.
+        A label that belongs to another document than its input is -100: no row learns to guess
+        the first token of an unrelated document (with a BOS it would be a free guess anyway)."""
+        window = np.asarray(self.tokens[start:start + seq_len + 1], dtype=np.int64)           # (T+1,)
+        doc = np.searchsorted(self.offsets, np.arange(start, start + seq_len + 1), side="right") - 1
+        labels = np.where(doc[1:] == doc[:-1], window[1:], -100)
+        return window[:-1], doc[:-1] - doc[0], labels
+
+
+def wait_for(path: str, what: str):
+    """Other ranks wait for the local rank 0 to finish a cache (polling the disk, so a long
+    tokenization never runs into a collective-communication timeout)."""
+    waited = 0
+    while not os.path.exists(path):
+        if waited % 60 == 0:
+            print(f"[rank {os.environ.get('RANK', 0)}] waiting for {what}", flush=True)
+        time.sleep(1)
+        waited += 1
+
+
+def load_sources(specs, tok, args, writer: bool, with_weights=True):
+    """--data specs -> list of (name, [TokenFile], weight), tokenizing files that have no cache yet."""
+    tok_fp = tokenizer_fingerprint(args.tokenizer)
+    sources, names = [], set()
+    for spec in specs:
+        path, weight = parse_source(spec) if with_weights else (spec, 1.0)
+        files = source_files(path)
+        name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        while name in names:
+            name += "_"
+        names.add(name)
+        sources.append((name, files, weight))
+    all_files = [f for _, files, _ in sources for f in files]
+    cache_dirs = {f: cache_dir_for(f, tok_fp, args.cache_dir) for f in all_files}
+    todo = sorted({f for f in all_files if not os.path.isfile(os.path.join(cache_dirs[f], "meta.json"))},
+                  key=all_files.index)
+    if todo and writer:
+        tokenize_files(todo, args.tokenizer, cache_dirs, max(1, args.tokenize_workers), tok.vocab_size)
+    for f in todo:
+        wait_for(os.path.join(cache_dirs[f], "meta.json"), f"the token cache of {f}")
+    return [(name, [TokenFile(f, cache_dirs[f], args.val_fraction) for f in files], weight)
+            for name, files, weight in sources]
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. data: mixing, packing, sharding, the held-out rows
+# ------------------------------------------------------------------------------------------------
+class PackedMixture:
+    """Global batches of packed rows drawn from several sources by weight.
+
+    A row of a file is tokens [k·T, k·T + T + 1) of its training range: T inputs and T shifted
+    targets, documents back to back with EOS between them (attention is kept inside each document
+    by the doc ids). Each file's rows are visited in a fresh random order every epoch; a source's
+    weight is shared among its files in proportion to their tokens. The batch of step s depends
+    only on (seed, s, rows taken so far per file), so every rank computes the same global batch and
+    takes its own slice, and a resumed run continues from exactly the same place.
+    """
+
+    def __init__(self, sources, seq_len, seed):
+        self.files, p = [], []
+        for name, files, weight in sources:
+            n_train = [tf.n_train for tf in files]
+            for tf, n in zip(files, n_train):
+                self.files.append(tf)
+                p.append(weight * n / sum(n_train))
+            if sum((n - 1) // seq_len for n in n_train) == 0:
+                raise ValueError(f"source '{name}' ({files[0].path}...) has {sum(n_train)} training tokens, "
+                                 f"fewer than one row of --seq-len {seq_len} + 1")
+        self.p = np.asarray(p) / sum(p)
+        self.rows_per_file = [(tf.n_train - 1) // seq_len for tf in self.files]
+        self.p[np.asarray(self.rows_per_file) == 0] = 0        # a file too short for one row is not drawn
+        self.p /= self.p.sum()
+        self.seq_len, self.seed = seq_len, seed
+        self.rows_taken = [0] * len(self.files)                # the data position
+        self._order = {}                                       # file index -> (epoch, permutation)
+
+    def _row_start(self, i, k):
+        epoch, j = divmod(k, self.rows_per_file[i])
+        if self._order.get(i, (None,))[0] != epoch:
+            perm = np.random.default_rng([self.seed, i, epoch]).permutation(self.rows_per_file[i])
+            self._order[i] = (epoch, perm)
+        return int(self._order[i][1][j]) * self.seq_len
+
+    def global_batch(self, step, n_rows):
+        """The rows of optimiser step `step`: a list of (file index, start token)."""
+        which = np.random.default_rng([self.seed, step]).choice(len(self.files), size=n_rows, p=self.p)
+        rows = []
+        for i in which.tolist():
+            rows.append((i, self._row_start(i, self.rows_taken[i])))
+            self.rows_taken[i] += 1
+        return rows
+
+    def load(self, rows):
+        """[(file index, start)] -> input ids, doc ids, labels, each (B, T) int64 tensors."""
+        parts = [self.files[i].row(start, self.seq_len) for i, start in rows]
+        return [torch.from_numpy(np.stack(x)) for x in zip(*parts)]
+
+    def state_dict(self):
+        return {"rows_taken": list(self.rows_taken)}
+
+    def load_state_dict(self, state):
+        self.rows_taken = list(state["rows_taken"])
+
+
+def held_out_rows(files, seq_len, max_tokens):
+    """Rows of T+1 tokens from the start of each file's held-out range, shared among the files in
+    proportion to their held-out size, at most max_tokens in all: [(TokenFile, start)]."""
+    per_file = [max(0, (len(tf.tokens) - tf.n_train - 1) // seq_len) for tf in files]
+    budget = max(1, max_tokens // seq_len)
+    total = sum(per_file)
+    rows = []
+    for tf, n in zip(files, per_file):
+        take = min(n, math.ceil(budget * n / total)) if total else 0
+        rows += [(tf, tf.n_train + k * seq_len) for k in range(take)]
+    return rows[:budget]
+
+
+def count_bytes(tok, rows, seq_len):
+    """UTF-8 bytes of the text of the tokens scored in these rows (valid labels), for bits per byte.
+    Decoded one document piece at a time; EOS/BOS decode to nothing."""
+    n = 0
+    for tf, start in rows:
+        _, doc, labels = tf.row(start, seq_len)
+        doc_of_label = np.where(labels >= 0, doc, -1)
+        for d in np.unique(doc_of_label[doc_of_label >= 0]):
+            n += len(tok.decode(labels[doc_of_label == d].tolist()).encode("utf-8"))
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. the loss: cross-entropy and KL to the reference, in fp32, a chunk of positions at a time
+# ------------------------------------------------------------------------------------------------
+def kl_to_reference(logits, ref_logits, direction="reverse", shared=None):
+    """Per-position KL divergence in fp32. logits (N, V) of the model, ref_logits (N, V) -> (N,).
+
+    reverse: KL(P_model ‖ P_ref) = Σ q (log q − log p)   (Vikhr Eq. 1; mode-seeking)
+    forward: KL(P_ref ‖ P_model) = Σ p (log p − log q)
+
+    shared (extend mode): ids >= shared are new pieces the original reference never had. They are
+    collapsed into one bucket on both sides, so the KL sees the shared ids plus "some new piece":
+    it constrains how much mass goes to new pieces in total, but not how that mass is split among
+    them (the reference knows nothing about individual new pieces).
+    """
+    logq = F.log_softmax(logits.float(), dim=-1)            # (N, V)
+    logp = F.log_softmax(ref_logits.float(), dim=-1)        # (N, V)
+    if shared is not None:                                  # (N, V) -> (N, shared + 1)
+        logq = torch.cat([logq[:, :shared], logq[:, shared:].logsumexp(-1, keepdim=True)], dim=-1)
+        logp = torch.cat([logp[:, :shared], logp[:, shared:].logsumexp(-1, keepdim=True)], dim=-1)
+    if direction == "reverse":
+        return (logq.exp() * (logq - logp)).sum(-1)
+    if direction == "forward":
+        return (logp.exp() * (logp - logq)).sum(-1)
+    raise ValueError(f"KL direction {direction!r}: expected 'reverse' or 'forward'")
+
+
+def _chunk_loss_sums(h, h_ref, labels, head, ref_head, direction, shared):
+    """One chunk: h (C, d), h_ref (C, d) or None, labels (C,) -> (CE sum, KL sum), fp32 scalars."""
+    logits = head(h).float()                                         # (C, V)
+    ce = F.cross_entropy(logits, labels, reduction="sum")
+    if h_ref is None:
+        return ce, torch.zeros((), device=h.device)
+    with torch.no_grad():
+        ref_logits = ref_head(h_ref).float()                         # (C, V)
+    return ce, kl_to_reference(logits, ref_logits, direction, shared).sum()
+
+
+def loss_sums(hidden, labels, head, hidden_ref=None, ref_head=None, direction="reverse", shared=None,
+              chunk=1024):
+    """Summed CE over valid labels, and summed KL at the same positions.
+
+    hidden (B, T, d), labels (B, T) with -100 where nothing is scored; hidden_ref (B, T, d) or None.
+    Logits exist only a chunk of positions at a time: with autograd on, each chunk is checkpointed,
+    so its (chunk, V) fp32 logits are recomputed in the backward pass instead of kept, and B×T×V
+    is never held in fp32 at all.
+    """
+    valid = (labels != -100).reshape(-1)
+    h = hidden.reshape(-1, hidden.shape[-1])[valid]                  # (N, d)
+    y = labels.reshape(-1)[valid]                                    # (N,)
+    h_ref = hidden_ref.reshape(-1, hidden_ref.shape[-1])[valid] if hidden_ref is not None else None
+    ce = kl = torch.zeros((), device=hidden.device)
+    for i in range(0, y.numel(), chunk):
+        part = (h[i:i + chunk], h_ref[i:i + chunk] if h_ref is not None else None, y[i:i + chunk],
+                head, ref_head, direction, shared)
+        if torch.is_grad_enabled():
+            c, k = torch.utils.checkpoint.checkpoint(_chunk_loss_sums, *part, use_reentrant=False)
+        else:
+            c, k = _chunk_loss_sums(*part)
+        ce, kl = ce + c, kl + k
+    return ce, kl
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. model, reference, optimiser
+# ------------------------------------------------------------------------------------------------
+def build_start_model(args, tok, device, dtype):
+    """The model training starts from: an HF checkpoint, or random weights from a config.json."""
+    if args.model:
+        return Transformer.from_pretrained(args.model, device=device, dtype=dtype)
+    cfg = Config.from_file(args.init_config)
+    if cfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"{args.init_config}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+                         f"{tok.vocab_size} pieces ({args.tokenizer})")
+    cfg.bos_token_id = tok.bos_id if cfg.bos_token_id is None else cfg.bos_token_id
+    cfg.eos_token_id = tok.eos_id if cfg.eos_token_id is None else cfg.eos_token_id
+    torch.manual_seed(args.seed)          # the same init on every rank
+    with torch.device(device):
+        model = Transformer(cfg)
+    model.init_weights()
+    return model.to(dtype)
+
+
+def vocab_relation(ref_pieces, model_pieces, ref_rows, model_rows, ref_dir, model_dir):
+    """How the reference's vocabulary relates to the model's: None (identical, plain KL), or the
+    number of shared leading ids (extend mode: the reference's pieces are a prefix of the model's)."""
+    if ref_pieces == model_pieces and ref_rows == model_rows:
+        return None
+    if len(ref_pieces) <= len(model_pieces) and model_pieces[:len(ref_pieces)] == ref_pieces:
+        return len(ref_pieces)
+    first = next((i for i, (a, b) in enumerate(zip(ref_pieces, model_pieces)) if a != b),
+                 min(len(ref_pieces), len(model_pieces)))
+    a = ref_pieces[first] if first < len(ref_pieces) else "(none)"
+    b = model_pieces[first] if first < len(model_pieces) else "(none)"
+    raise ValueError(f"--kl-ref {ref_dir}: its vocabulary ({len(ref_pieces)} pieces) is neither the model's "
+                     f"({model_dir}, {len(model_pieces)} pieces) nor a prefix of it; first difference at id "
+                     f"{first}: {a!r} vs {b!r}. A KL needs the same pieces at the same ids.")
+
+
+def build_reference(args, start, tok, device, dtype):
+    """The frozen reference: --kl-ref, or the starting model; no grad, in the compute dtype.
+    Returns (reference, shared) with shared as in `kl_to_reference`."""
+    ref_dir = args.kl_ref or args.model
+    ref = Transformer.from_pretrained(ref_dir, device=device, dtype=dtype)
+    ref_tok = load_tokenizer(ref_dir) if args.kl_ref else tok
+    shared = vocab_relation(ref_tok.pieces(), tok.pieces(), ref.config.vocab_size, start.config.vocab_size,
+                            ref_dir, args.tokenizer)
+    if shared is not None:
+        # Extend mode: the reference must read the new ids in the input and give them some
+        # probability (else the reverse KL is infinite): both come from the starting model's rows
+        # for those ids (resize_vocab's initialisation), copied once and frozen.
+        with torch.no_grad():
+            embed = torch.cat([ref.model.embed_tokens.weight[:shared],
+                               start.model.embed_tokens.weight[shared:].to(dtype)])
+            head = None if ref.config.tie_word_embeddings else \
+                torch.cat([ref.lm_head.weight[:shared], start.lm_head.weight[shared:].to(dtype)])
+            ref.set_vocab(embed, head)
+    ref.eval().requires_grad_(False)
+    return ref, shared
+
+
+def build_optimizer(model, args, device):
+    """AdamW over the trained weights; decay (if any) only on matrices, never on norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(args.beta1, args.beta2),
+                             eps=args.eps, fused=device.type == "cuda" and not args.fsdp)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. the training loop
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_bpb(model, eval_sets, batch_size, seq_len, device, autocast, rank, world, chunk):
+    """Held-out bits per byte per source: NLL in bits over the UTF-8 bytes of the scored tokens.
+    Batches are dealt out over ranks and the sums all-reduced; every rank runs the same number of
+    forward passes (FSDP gathers weights in each), the spare ones on a row whose loss is dropped."""
+    import torch.distributed as dist
+    model.eval()
+    nll = torch.zeros(len(eval_sets), dtype=torch.float64, device=device)
+    for s, (_, rows, _) in enumerate(eval_sets):
+        for m in range(math.ceil(len(rows) / (batch_size * world))):
+            mine = rows[(m * world + rank) * batch_size:(m * world + rank + 1) * batch_size]
+            parts = [tf.row(start, seq_len) for tf, start in (mine or rows[:1])]
+            x, d, y = (torch.from_numpy(np.stack(t)).to(device) for t in zip(*parts))
+            with autocast:
+                h = model(x, doc_ids=d, return_hidden=True)                   # (B, T, d)
+                ce, _ = loss_sums(h, y, model.lm_head, chunk=chunk)
+            if mine:
+                nll[s] += ce.double()
+    if world > 1:
+        dist.all_reduce(nll)
+    model.train()
+    return {name: nll[s].item() / math.log(2) / n_bytes for s, (name, _, n_bytes) in enumerate(eval_sets)}
+
+
+def rng_state(device):
+    """RNG states as tensors (trainer_state.pt is read back with weights_only=True). Nothing in a
+    training step draws random numbers today; kept so a fork that adds dropout resumes exactly."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)}
+
+
+def save_final(model, out, tokenizer_dir, state_dict):
+    """The final model in HF format in the run directory itself, next to checkpoints/ and
+    metrics.jsonl: written whole into out/.final first (save_pretrained replaces the directory it
+    writes), then its files moved in with config.json last, so a directory with a config.json
+    always has complete weights."""
+    tmp = os.path.join(out, ".final")
+    model.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    os.rmdir(tmp)
+
+
+# what fixes the rows of every step: a resumed run must agree on these with its checkpoint
+RESUME_MUST_MATCH = ("data", "seq_len", "seed", "val_fraction", "global_rows")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    env_rank, env_local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+
+    def log(msg):                              # rank 0 only; above the progress bar, never through it
+        if env_rank == 0:
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+
+    # -- data, before the process group exists: a long tokenization must not hit its timeout --------
+    tok = load_tokenizer(args.tokenizer)
+    if tok.eos_id is None:
+        raise ValueError(f"{args.tokenizer}: the tokenizer has no EOS token (documents are packed with EOS between them)")
+    train_sources = load_sources(args.data, tok, args, writer=env_local_rank == 0)
+    eval_only = load_sources(args.eval_data, tok, args, writer=env_local_rank == 0, with_weights=False)
+    if args.tokenize_only:
+        log(f"token caches ready in {args.cache_dir}")
+        return
+
+    rank, local_rank, world, device = init_distributed()
+    import torch.distributed as dist
+    cuda = device.type == "cuda"
+    param_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    compute_dtype = torch.bfloat16 if cuda else torch.float32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    B, A, T = args.batch_size, args.grad_accum, args.seq_len
+    global_rows = world * A * B
+
+    # -- model and reference -----------------------------------------------------------------------
+    raw = build_start_model(args, tok, device, param_dtype)
+    V = raw.config.vocab_size
+    for _, files, _ in train_sources + eval_only:
+        for tf in files:
+            if tf.meta["max_id"] >= V:
+                raise ValueError(f"{tf.path}: token id {tf.meta['max_id']} is outside the model's vocabulary "
+                                 f"of {V} rows (tokenizer {args.tokenizer} has {tok.vocab_size} pieces); "
+                                 "resize the model's vocabulary first (resize_vocab.py)")
+    ref, shared = build_reference(args, raw, tok, device, compute_dtype) if args.kl_weight > 0 else (None, None)
+
+    start_step, state = 0, None
+    ckpt = latest_checkpoint(args.out)
+    if ckpt and not args.resume:
+        raise ValueError(f"{args.out} already holds checkpoints ({ckpt}): pass --resume to continue, "
+                         "or choose another --out")
+    if ckpt:
+        del raw                   # the reference has taken what it needs from the starting model
+        raw = Transformer.from_pretrained(ckpt, device=device, dtype=param_dtype)
+        state = load_trainer_state(ckpt)
+        start_step = state["step"]
+    elif args.resume:
+        log(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
+    raw.gradient_checkpointing = args.activation_checkpointing
+    if args.train_only == "embeddings":
+        for name, p in raw.named_parameters():
+            p.requires_grad_(name in ("model.embed_tokens.weight", "lm_head.weight"))
+    raw.train()
+    # MFU counts the reference's forward pass too (a third of a training step's FLOPs per weight)
+    flops_per_token = raw.flops_per_token(T) + (ref.flops_per_token(T) / 3 if ref is not None else 0)
+    model = parallelize(raw, device, fsdp=args.fsdp, mixed_precision=compute_dtype if cuda else None,
+                        compile=args.compile)                 # DDP or FSDP2 under torchrun; `raw` itself otherwise
+    if ref is not None:
+        ref = parallelize(ref, device, fsdp=args.fsdp)        # sharded under FSDP, left whole under DDP
+    trained = [p for p in raw.parameters() if p.requires_grad]  # (after FSDP swapped in its sharded parameters)
+    optimizer = build_optimizer(raw, args, device)
+
+    # -- data order and held-out rows --------------------------------------------------------------
+    data = PackedMixture(train_sources, T, args.seed)
+    eval_sets = []
+    for name, files, _ in train_sources + eval_only:
+        rows = held_out_rows(files, T, args.eval_tokens)
+        if rows:
+            eval_sets.append((name, rows, count_bytes(tok, rows, T)))
+        else:
+            log(f"note: source '{name}' has no held-out row of {T + 1} tokens (raise --val-fraction); not evaluated")
+    train_tokens = sum(tf.n_train for _, files, _ in train_sources for tf in files)
+    max_steps = args.max_steps or max(1, train_tokens // (global_rows * T))
+
+    # -- resume ------------------------------------------------------------------------------------
+    run_args = {**vars(args), "world_size": world, "global_rows": global_rows, "tokens_per_step": global_rows * T,
+                "max_steps": max_steps, "train_tokens": train_tokens, "kl_extend_shared_ids": shared,
+                "eval_sources": {name: {"rows": len(rows), "bytes": n} for name, rows, n in eval_sets}}
+    if state is not None:
+        for key in RESUME_MUST_MATCH:
+            if state["args"][key] != run_args[key]:
+                raise ValueError(f"--resume: '{key}' was {state['args'][key]!r} in {ckpt}, now {run_args[key]!r}; "
+                                 "the data position would not mean the same rows")
+        load_optimizer_state(model, optimizer, state["optimizer"])
+        data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if cuda and state["rng"]["cuda"].numel():
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        log(f"resumed from {ckpt} at step {start_step}")
+
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        print(json.dumps(run_args, indent=2), flush=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(run_args, f, indent=2)
+        # a resumed run drops what the interrupted one logged after its checkpoint
+        kept = []
+        if start_step and os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    def record(entry):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def evaluate(step):
+        bpb = evaluate_bpb(raw, eval_sets, B, T, device, autocast, rank, world, args.loss_chunk)
+        if bpb:
+            log(f"step {step}: held-out bits/byte " + ", ".join(f"{k} {v:.4f}" for k, v in bpb.items()))
+            record({"step": step, **{f"val_bpb/{k}": v for k, v in bpb.items()}})
+
+    def checkpoint(step):
+        weights, optimizer_state = full_state_dict(model, optimizer)        # a collective under FSDP
+        if rank == 0:
+            save_checkpoint(args.out, step, raw, {
+                "step": step, "optimizer": optimizer_state, "data": data.state_dict(), "rng": rng_state(device),
+                "args": {k: run_args[k] for k in RESUME_MUST_MATCH}},
+                tokenizer_dir=args.tokenizer, keep=args.keep_checkpoints, state_dict=weights)
+        if world > 1:
+            dist.barrier()
+
+    peak = gpu_peak_flops(device)
+    kill_at = int(os.environ.get("NANOADAPT_KILL_AT_STEP", 0))   # for the tests: die hard at this step
+    bar = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
+    if start_step == 0:
+        evaluate(0)
+    t0, tokens_since = time.perf_counter(), 0
+    for step in range(start_step + 1, max_steps + 1):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        # this rank's slice of the global batch, as A micro-batches of B rows
+        rows = data.global_batch(step, global_rows)[rank * A * B:(rank + 1) * A * B]
+        micro = [[t.to(device) for t in data.load(rows[i * B:(i + 1) * B])] for i in range(A)]
+        # the loss is the sum over the valid labels of the whole global batch divided by their
+        # number: count them first, then each micro-batch adds its summed loss / count
+        n_valid = torch.tensor(float(sum((y != -100).sum().item() for _, _, y in micro)), device=device)
+        if world > 1:
+            dist.all_reduce(n_valid)
+        lr = lr_at(step - 1, args.lr, args.warmup_steps, max_steps, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        sums = torch.zeros(2, device=device)                                  # CE sum, KL sum
+        for i, (x, d, y) in enumerate(micro):
+            set_grad_sync(model, i == A - 1)       # one gradient all-reduce per optimiser step, on the last micro-step
+            with autocast:
+                h = model(x, doc_ids=d, return_hidden=True)                   # (B, T, d)
+                h_ref = None
+                if ref is not None:
+                    with torch.no_grad():
+                        h_ref = ref(x, doc_ids=d, return_hidden=True)         # (B, T, d)
+                ce, kl = loss_sums(h, y, raw.lm_head, h_ref, ref.lm_head if ref is not None else None,
+                                   args.kl_direction, shared, args.loss_chunk)
+            # DDP averages gradients over ranks; × world turns that average back into the global sum
+            ((ce + args.kl_weight * kl) * (world / n_valid)).backward()
+            sums += torch.stack([ce.detach(), kl.detach()])
+        if world > 1:
+            dist.all_reduce(sums)
+        ce_mean, kl_mean = (sums / n_valid).tolist()
+        loss = ce_mean + args.kl_weight * kl_mean
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss} (CE {ce_mean}, KL {kl_mean}); the weights were "
+                                     f"not updated. Lower --lr, or resume from the last checkpoint in {args.out}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # DTensor under FSDP
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"step {step}: gradient norm is {grad_norm.item()}; the weights were not updated")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_since += global_rows * T
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == max_steps:
+            tok_s = tokens_since / (time.perf_counter() - t0)
+            mfu = flops_per_token * tok_s / world / peak if peak else None
+            record({"step": step, "loss": loss, "ce": ce_mean, "kl": kl_mean, "lr": lr,
+                    "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "mfu": mfu})
+            if rank == 0:
+                bar.write(f"step {step}/{max_steps} | loss {loss:.4f} | ce {ce_mean:.4f} | kl {kl_mean:.4f} | "
+                          f"lr {lr:.2e} | grad norm {grad_norm.item():.3f} | {tok_s:,.0f} tok/s"
+                          + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
+            t0, tokens_since = time.perf_counter(), 0
+        if args.eval_every and step % args.eval_every == 0 and step != max_steps:
+            evaluate(step)
+        if args.save_every and step % args.save_every == 0 and step != max_steps:
+            checkpoint(step)
+    bar.close()
+    if start_step < max_steps:
+        evaluate(max_steps)
+    weights = full_state_dict(model)[0]                        # a collective under FSDP
+    if rank == 0:
+        save_final(raw, args.out, args.tokenizer, weights)
+        log(f"saved the final model to {args.out}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
