@@ -53,19 +53,23 @@ def _interpreting():
 # Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 
 _GPU_CONFIGS = {
-    # head dim: {kernel: config}
+    # head dim: {kernel: config}, for 2-byte dtypes (fp16, bf16)
     16: dict(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 3), dq=(64, 64, 4, 3)),
     32: dict(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 3), dq=(64, 64, 4, 3)),
     64: dict(fwd=(128, 64, 4, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
     128: dict(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
 }
+# fp32 tiles take twice the shared memory; fp32 on a GPU is for checking, not for speed
+_GPU_FP32_CONFIG = dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
 # Under the interpreter every op is a numpy call, so only the number of blocks matters; BLOCK_M !=
 # BLOCK_N on purpose, so the tests exercise the block-boundary arithmetic in its general form.
 _INTERPRETER_CONFIG = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
 
 
-def _config(head_dim):
-    return _INTERPRETER_CONFIG if _interpreting() else _GPU_CONFIGS[head_dim]
+def _config(head_dim, dtype):
+    if _interpreting():
+        return _INTERPRETER_CONFIG
+    return _GPU_FP32_CONFIG if dtype == torch.float32 else _GPU_CONFIGS[head_dim]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +439,7 @@ class _FlashAttention(torch.autograd.Function):
 
         o = _empty_bthd(B, H, T, D, q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # base-2 log-sum-exp
-        BM, BN, warps, stages = _config(D)["fwd"]
+        BM, BN, warps, stages = _config(D, q.dtype)["fwd"]
         _fwd_kernel[(triton.cdiv(T, BM), B * H)](
             q, k, v, o, lse, doc_start,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], doc_start.stride(0),
@@ -454,7 +458,7 @@ class _FlashAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         HKV = k.shape[1]
         do = _last_dim_contiguous(do)
-        cfg = _config(D)
+        cfg = _config(D, q.dtype)
         flags = dict(HAS_WINDOW=ctx.has_window, HAS_DOCS=ctx.has_docs, PRECISION=ctx.precision)
         qk_scale = ctx.scale * LOG2_E
 
