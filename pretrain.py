@@ -296,7 +296,9 @@ def tokenize_files(files, tok_path, cache_dirs, workers, vocab_size, batch_chars
     pool = multiprocessing.Pool(workers, _init_worker, (tok_path,)) if workers > 1 else None
     if pool is None:
         _init_worker(tok_path)
-    bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="tokenizing")
+    sizes = [os.path.getsize(f) for f in files]
+    done_bytes = dict(zip(files, np.cumsum(sizes).tolist()))           # bytes read once each file is done
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing")
     writer = None
 
     def documents():
@@ -315,14 +317,18 @@ def tokenize_files(files, tok_path, cache_dirs, workers, vocab_size, batch_chars
             if pool else [encode_document(t) for t in texts]
         for (i, text), ids in zip(batch, ids_list):
             if writer is None or writer.source != files[i]:
-                if writer is not None:
-                    writer.commit(meta_of(writer.source))
+                finish()
                 writer = CacheWriter(cache_dirs[files[i]], dtype, files[i])
             writer.add(ids)
             bar.update(len(text.encode("utf-8")))
 
-    def meta_of(path):
-        return {"source": os.path.abspath(path), "tokenizer": os.path.abspath(tok_path), "version": CACHE_VERSION}
+    def finish():
+        nonlocal writer
+        if writer is not None:
+            writer.commit({"source": os.path.abspath(writer.source), "tokenizer": os.path.abspath(tok_path),
+                           "version": CACHE_VERSION})
+            bar.update(done_bytes[writer.source] - bar.n)      # count the blank lines between documents too
+            writer = None
 
     try:
         batch, chars = [], 0
@@ -333,9 +339,7 @@ def tokenize_files(files, tok_path, cache_dirs, workers, vocab_size, batch_chars
                 write(batch)
                 batch, chars = [], 0
         write(batch)
-        if writer is not None:
-            writer.commit(meta_of(writer.source))
-            writer = None
+        finish()
     finally:
         bar.close()
         if writer is not None:
@@ -490,6 +494,11 @@ def count_bytes(tok, rows, seq_len):
 # ------------------------------------------------------------------------------------------------
 # 4. the loss: cross-entropy and KL to the reference, in fp32, a chunk of positions at a time
 # ------------------------------------------------------------------------------------------------
+def at_least_fp32(x):
+    """bf16/fp16 logits are upcast for the softmax; fp32 stays, and so does fp64 (gradcheck)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def kl_to_reference(logits, ref_logits, direction="reverse", shared=None):
     """Per-position KL divergence in fp32. logits (N, V) of the model, ref_logits (N, V) -> (N,).
 
@@ -501,8 +510,8 @@ def kl_to_reference(logits, ref_logits, direction="reverse", shared=None):
     it constrains how much mass goes to new pieces in total, but not how that mass is split among
     them (the reference knows nothing about individual new pieces).
     """
-    logq = F.log_softmax(logits.float(), dim=-1)            # (N, V)
-    logp = F.log_softmax(ref_logits.float(), dim=-1)        # (N, V)
+    logq = F.log_softmax(at_least_fp32(logits), dim=-1)         # (N, V)
+    logp = F.log_softmax(at_least_fp32(ref_logits), dim=-1)     # (N, V)
     if shared is not None:                                  # (N, V) -> (N, shared + 1)
         logq = torch.cat([logq[:, :shared], logq[:, shared:].logsumexp(-1, keepdim=True)], dim=-1)
         logp = torch.cat([logp[:, :shared], logp[:, shared:].logsumexp(-1, keepdim=True)], dim=-1)
@@ -515,12 +524,12 @@ def kl_to_reference(logits, ref_logits, direction="reverse", shared=None):
 
 def _chunk_loss_sums(h, h_ref, labels, head, ref_head, direction, shared):
     """One chunk: h (C, d), h_ref (C, d) or None, labels (C,) -> (CE sum, KL sum), fp32 scalars."""
-    logits = head(h).float()                                         # (C, V)
+    logits = at_least_fp32(head(h))                                  # (C, V)
     ce = F.cross_entropy(logits, labels, reduction="sum")
     if h_ref is None:
-        return ce, torch.zeros((), device=h.device)
+        return ce, torch.zeros((), device=h.device, dtype=ce.dtype)
     with torch.no_grad():
-        ref_logits = ref_head(h_ref).float()                         # (C, V)
+        ref_logits = at_least_fp32(ref_head(h_ref))                  # (C, V)
     return ce, kl_to_reference(logits, ref_logits, direction, shared).sum()
 
 
@@ -537,7 +546,7 @@ def loss_sums(hidden, labels, head, hidden_ref=None, ref_head=None, direction="r
     h = hidden.reshape(-1, hidden.shape[-1])[valid]                  # (N, d)
     y = labels.reshape(-1)[valid]                                    # (N,)
     h_ref = hidden_ref.reshape(-1, hidden_ref.shape[-1])[valid] if hidden_ref is not None else None
-    ce = kl = torch.zeros((), device=hidden.device)
+    ce = kl = torch.zeros((), device=hidden.device, dtype=torch.promote_types(hidden.dtype, torch.float32))
     for i in range(0, y.numel(), chunk):
         part = (h[i:i + chunk], h_ref[i:i + chunk] if h_ref is not None else None, y[i:i + chunk],
                 head, ref_head, direction, shared)

@@ -1,0 +1,409 @@
+"""pretrain.py: the KL term against float64 and gradcheck, chunked losses, the token cache and
+packing, torchrun (2 CPU processes, gloo) against one process, a hard kill and resume, bad input.
+
+Everything runs on a synthetic two-language corpus written here, a SentencePiece tokenizer trained
+on it on the spot, and tiny random decoders (2 layers, hidden 64, sequences of 32 tokens).
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain
+from model import Config, Transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EN_WORDS = ("the cat dog sat on a mat and ran to house big small red green tree river boat man woman child "
+            "said saw had was is went came over under with from").split()
+RU_WORDS = ("кот собака сидел на коврике и бежал к дому большой маленький красный зелёный дерево река лодка "
+            "человек женщина ребёнок сказал видел был есть пошёл пришёл над под с из").split()
+
+
+def sentences(words, n, rng):
+    return " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "."
+                    for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """en.txt: documents separated by blank lines; ru.txt: one long document (no blank line), as
+    in ../shared/data; docs.jsonl: a 'text' per line."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    (root / "en.txt").write_text("\n\n".join(sentences(EN_WORDS, rng.randint(2, 8), rng) for _ in range(150)) + "\n")
+    (root / "ru.txt").write_text("\n".join(sentences(RU_WORDS, 3, rng) for _ in range(300)) + "\n")
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(60):
+            f.write(json.dumps({"text": sentences(EN_WORDS, 3, rng), "id": 1}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tok_dir(corpus, tmp_path_factory):
+    import sentencepiece as spm
+    out = tmp_path_factory.mktemp("tok")
+    spm.SentencePieceTrainer.train(
+        input=[str(corpus / "en.txt"), str(corpus / "ru.txt")], model_prefix=str(out / "tokenizer"),
+        vocab_size=300, model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2)
+    os.remove(out / "tokenizer.vocab")
+    return out
+
+
+def tiny_config(vocab_size, **kw):
+    return dict(model_type="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                max_position_embeddings=256, initializer_range=0.1, bos_token_id=1, eos_token_id=2, **kw)
+
+
+def make_model(path, tok_dir, vocab_size=300, seed=0, **kw):
+    """A tiny random decoder saved in HF format with the test tokenizer."""
+    torch.manual_seed(seed)
+    model = Transformer(Config.from_hf(tiny_config(vocab_size, **kw)))
+    model.init_weights()
+    model.save_pretrained(str(path), tokenizer_dir=str(tok_dir))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tok_dir, tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("models") / "base", tok_dir)
+
+
+def common_args(out, cache, seq_len=32):
+    return ["--seq-len", str(seq_len), "--val-fraction", "0.1", "--eval-tokens", "256", "--lr", "3e-3",
+            "--warmup-steps", "2", "--tokenize-workers", "1", "--cache-dir", str(cache), "--out", str(out)]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_steps(out):
+    return {m["step"]: m for m in metrics(out) if "loss" in m}
+
+
+# ------------------------------------------------------------------------------------------------
+# the KL term and the chunked loss
+# ------------------------------------------------------------------------------------------------
+def kl_float64(logits, ref_logits, direction, shared):
+    """Straight from the definition, in numpy float64: probabilities, buckets, Σ a log(a / b)."""
+    def probs(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        p = e / e.sum(-1, keepdims=True)
+        if shared is not None:
+            p = np.concatenate([p[:, :shared], p[:, shared:].sum(-1, keepdims=True)], -1)
+        return p
+    q, p = probs(logits.double().numpy()), probs(ref_logits.double().numpy())
+    a, b = (q, p) if direction == "reverse" else (p, q)
+    return (a * np.log(a / b)).sum(-1)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("shared", [None, 9])
+def test_kl_matches_float64(direction, shared):
+    g = torch.Generator().manual_seed(0)
+    logits, ref_logits = 3 * torch.randn(7, 13, generator=g), 3 * torch.randn(7, 13, generator=g)
+    ours = pretrain.kl_to_reference(logits, ref_logits, direction, shared)
+    assert ours.dtype == torch.float32 and ours.shape == (7,)
+    np.testing.assert_allclose(ours.numpy(), kl_float64(logits, ref_logits, direction, shared), rtol=1e-5, atol=1e-6)
+    # bf16 logits are upcast, not softmaxed in bf16
+    low = pretrain.kl_to_reference(logits.bfloat16(), ref_logits.bfloat16(), direction, shared)
+    assert low.dtype == torch.float32
+    # a distribution is at KL 0 from itself; the bucket sees only the total mass on ids >= shared
+    assert pretrain.kl_to_reference(logits, logits, direction, shared).abs().max() < 1e-5
+    if shared is not None:
+        moved = logits.clone()
+        moved[:, shared:] = moved[:, shared:].flip(-1)          # same bucket mass, split differently
+        assert pretrain.kl_to_reference(moved, logits, direction, shared).abs().max() < 1e-5
+        assert pretrain.kl_to_reference(moved, logits, direction, None).min() > 1e-3
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("shared", [None, 4])
+def test_kl_gradcheck(direction, shared):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    ref_logits = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: pretrain.kl_to_reference(x, ref_logits, direction, shared), (logits,))
+
+
+@pytest.mark.parametrize("shared", [None, 10])
+def test_chunked_loss_equals_whole(shared):
+    """CE and KL summed a chunk at a time (checkpointed) equal the whole-batch sums, and so do
+    their gradients, in float64; masked labels contribute nothing to either term."""
+    torch.manual_seed(0)
+    B, T, d, V = 2, 9, 8, 13
+    head, ref_head = torch.nn.Linear(d, V, bias=False).double(), torch.nn.Linear(d, V, bias=False).double()
+    hidden = torch.randn(B, T, d, dtype=torch.float64, requires_grad=True)
+    hidden_ref = torch.randn(B, T, d, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :3] = -100
+    labels[1, 5] = -100
+    ce, kl = pretrain.loss_sums(hidden, labels, head, hidden_ref, ref_head, "reverse", shared, chunk=4)
+    (ce + 0.7 * kl).backward()
+    got = (ce.item(), kl.item(), hidden.grad.clone(), head.weight.grad.clone())
+
+    hidden.grad, head.weight.grad = None, None
+    valid = labels != -100
+    logits, ref_logits = head(hidden[valid]), ref_head(hidden_ref[valid])
+    ce_ref = torch.nn.functional.cross_entropy(logits, labels[valid], reduction="sum")
+    kl_ref = torch.from_numpy(kl_float64(logits.detach(), ref_logits.detach(), "reverse", shared)).sum()
+    (ce_ref + 0.7 * pretrain.kl_to_reference(logits, ref_logits, "reverse", shared).sum()).backward()
+    assert got[0] == pytest.approx(ce_ref.item(), rel=1e-12)
+    assert got[1] == pytest.approx(kl_ref.item(), rel=1e-10)
+    torch.testing.assert_close(got[2], hidden.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[3], head.weight.grad, rtol=1e-10, atol=1e-12)
+    assert got[2][0, :3].abs().max() == 0                       # masked positions get no gradient
+
+
+def test_vocab_relation():
+    pieces = ["<unk>", "<s>", "</s>", "▁a", "b"]
+    assert pretrain.vocab_relation(pieces, pieces, 5, 5, "ref", "tok") is None
+    assert pretrain.vocab_relation(pieces, pieces + ["▁ab", "▁ба"], 5, 7, "ref", "tok") == 5     # extend
+    assert pretrain.vocab_relation(pieces, pieces, 5, 8, "ref", "tok") == 5       # padded rows: a bucket too
+    with pytest.raises(ValueError, match=r"--kl-ref ref.*first difference at id 3: '▁a' vs '▁c'"):
+        pretrain.vocab_relation(pieces, pieces[:3] + ["▁c", "b", "x"], 5, 6, "ref", "tok")
+
+
+# ------------------------------------------------------------------------------------------------
+# data: documents, the cache, packing, mixing
+# ------------------------------------------------------------------------------------------------
+def test_read_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\nsecond line\n\n\n  \nsecond doc\n\nthird\n")
+    assert list(pretrain.read_documents(str(tmp_path / "a.txt"))) == ["first line\nsecond line", "second doc", "third"]
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "meta": 3}\n{"text": "  "}\n')
+    assert list(pretrain.read_documents(str(tmp_path / "b.jsonl"))) == ["one", "two"]
+
+
+def test_token_cache_and_packing(corpus, tok_dir, tmp_path):
+    from model import load_tokenizer
+    tok = load_tokenizer(str(tok_dir))
+    args = pretrain.parse_args(["--model", "unused", "--data", str(corpus / "en.txt"), str(corpus / "docs.jsonl"),
+                                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                                "--tokenizer", str(tok_dir), "--tokenize-workers", "2", "--val-fraction", "0.1"])
+    (_, [en], _), (_, [js], _) = pretrain.load_sources(args.data, tok, args, writer=True)
+
+    docs = list(pretrain.read_documents(str(corpus / "en.txt")))
+    expected = [[tok.bos_id] + tok.encode(d) + [tok.eos_id] for d in docs]
+    assert en.tokens.dtype == np.uint16                          # a 300-piece vocabulary fits
+    assert en.tokens.tolist() == [t for ids in expected for t in ids]
+    assert en.offsets.tolist() == list(np.cumsum([0] + [len(ids) for ids in expected]))
+    assert js.meta["n_docs"] == 60 and en.meta["max_id"] < 300
+    assert en.n_train == len(en.tokens) - int(len(en.tokens) * 0.1)
+
+    # a row across a document boundary: doc ids restart, the label after EOS (next doc's BOS) is masked
+    T, b = 32, int(en.offsets[3])
+    x, d, y = en.row(b - 10, T)
+    assert x.tolist() == en.tokens[b - 10:b - 10 + T].tolist()
+    assert d.tolist() == [0] * 10 + [1] * 22
+    assert x[9] == tok.eos_id and y[9] == -100
+    assert (y[:9] == x[1:10]).all() and (y[10:] == en.tokens[b + 1:b - 10 + T + 1]).all()
+
+    # cached: loading again tokenizes nothing; editing a file makes a new cache
+    before = set(os.listdir(tmp_path / "cache"))
+    pretrain.load_sources(args.data, tok, args, writer=False)           # a non-writer would wait forever otherwise
+    assert set(os.listdir(tmp_path / "cache")) == before
+    (tmp_path / "copy.txt").write_text("hello world\n")
+    args.data = [str(tmp_path / "copy.txt")]
+    pretrain.load_sources(args.data, tok, args, writer=True)
+    (tmp_path / "copy.txt").write_text("hello there world\n")
+    [(_, [copy], _)] = pretrain.load_sources(args.data, tok, args, writer=True)
+    assert tok.decode(copy.tokens.tolist()) == "hello there world"
+    assert len(os.listdir(tmp_path / "cache")) == len(before) + 2
+
+
+def test_mixture_weights_epochs_and_position(corpus, tok_dir, tmp_path):
+    from model import load_tokenizer
+    tok = load_tokenizer(str(tok_dir))
+    args = pretrain.parse_args(["--model", "unused", "--data", f"{corpus / 'en.txt'}:3", f"{corpus / 'ru.txt'}:1",
+                                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                                "--tokenizer", str(tok_dir), "--tokenize-workers", "1"])
+    sources = pretrain.load_sources(args.data, tok, args, writer=True)
+    data = pretrain.PackedMixture(sources, 32, seed=0)
+    batches = [data.global_batch(step, 64) for step in range(1, 41)]
+    files = np.array([i for b in batches for i, _ in b])
+    assert abs((files == 0).mean() - 0.75) < 0.03                   # mixed 3:1 by weight
+    en_starts = [s for b in batches for i, s in b if i == 0]
+    n_rows = data.rows_per_file[0]
+    assert len(en_starts) > n_rows                                   # more than one epoch of en.txt
+    assert sorted(en_starts[:n_rows]) == [k * 32 for k in range(n_rows)]   # each row once per epoch
+    # the data position: a fresh mixture restored from the state continues identically
+    state = data.state_dict()
+    again = pretrain.PackedMixture(sources, 32, seed=0)
+    again.load_state_dict(state)
+    assert again.global_batch(41, 64) == data.global_batch(41, 64)
+    assert pretrain.PackedMixture(sources, 32, seed=1).global_batch(1, 64) != batches[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# whole runs
+# ------------------------------------------------------------------------------------------------
+def test_random_init_run_learns_and_saves_hf_model(corpus, tok_dir, tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config(300)))
+    out = tmp_path / "run"
+    pretrain.main(["--init-config", str(config), "--tokenizer", str(tok_dir), "--kl-weight", "0",
+                   "--data", str(corpus / "en.txt"), "--batch-size", "4", "--grad-accum", "2", "--max-steps", "30",
+                   "--eval-every", "0", "--save-every", "0", *common_args(out, tmp_path / "cache"), "--lr", "1e-2"])
+    m = metrics(out)
+    bpb = [x["val_bpb/en"] for x in m if "val_bpb/en" in x]
+    assert len(bpb) == 2 and bpb[1] < 0.8 * bpb[0]                   # held-out bits/byte at start and end
+    steps = train_steps(out)
+    assert steps[30]["loss"] < steps[1]["loss"] - 1.0 and steps[1]["kl"] == 0
+    assert json.loads((out / "args.json").read_text())["global_rows"] == 8
+    # the final model is an HF directory with the tokenizer; it loads back with the same weights
+    assert (out / "tokenizer.model").is_file() and not (out / ".final").exists()
+    back = Transformer.from_pretrained(str(out))
+    assert back.config.vocab_size == 300 and back.config.eos_token_id == 2
+
+
+def test_train_only_embeddings_and_activation_checkpointing(corpus, base, tmp_path):
+    def run(out, *extra):
+        pretrain.main(["--model", str(base), "--data", str(corpus / "ru.txt"), "--batch-size", "2",
+                       "--grad-accum", "2", "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
+                       *common_args(out, tmp_path / "cache"), *extra])
+        return train_steps(out)
+    plain = run(tmp_path / "plain", "--loss-chunk", "1024")
+    other = run(tmp_path / "ckpt", "--activation-checkpointing", "--loss-chunk", "7")
+    for step in plain:
+        assert other[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-5)
+        assert other[step]["grad_norm"] == pytest.approx(plain[step]["grad_norm"], rel=1e-4)
+    assert plain[1]["kl"] == pytest.approx(0, abs=1e-6) and plain[3]["kl"] > 1e-5   # the reference is the start
+
+    run(tmp_path / "emb", "--train-only", "embeddings")
+    start, after = Transformer.from_pretrained(str(base)).state_dict(), \
+        Transformer.from_pretrained(str(tmp_path / "emb")).state_dict()
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    assert changed == {"model.embed_tokens.weight", "lm_head.weight"}
+
+
+def test_extend_mode_reference(corpus, base, tok_dir, tmp_path):
+    """A model with 12 rows beyond the reference's vocabulary trains against the original reference:
+    the reference reads the new ids through the starting model's rows, so at step 1 the KL is 0."""
+    start = Transformer.from_pretrained(str(base))
+    grown = torch.cat([start.model.embed_tokens.weight, 0.1 * torch.randn(12, 64)])
+    start.set_vocab(grown, torch.cat([start.lm_head.weight, 0.1 * torch.randn(12, 64)]))
+    start.save_pretrained(str(tmp_path / "grown"), tokenizer_dir=str(tok_dir))
+    out = tmp_path / "run"
+    pretrain.main(["--model", str(tmp_path / "grown"), "--kl-ref", str(base), "--data", str(corpus / "ru.txt"),
+                   "--batch-size", "2", "--grad-accum", "1", "--max-steps", "3", "--eval-every", "0",
+                   "--save-every", "0", *common_args(out, tmp_path / "cache")])
+    assert json.loads((out / "args.json").read_text())["kl_extend_shared_ids"] == 300
+    steps = train_steps(out)
+    assert steps[1]["kl"] == pytest.approx(0, abs=1e-6) and steps[3]["kl"] > 1e-5
+
+    import sentencepiece as spm                                        # another vocabulary: no KL possible
+    (tmp_path / "other_tok").mkdir()
+    spm.SentencePieceTrainer.train(input=str(corpus / "ru.txt"), model_prefix=str(tmp_path / "other_tok" / "tokenizer"),
+                                   vocab_size=200, model_type="bpe", character_coverage=1.0, minloglevel=2)
+    make_model(tmp_path / "other", tmp_path / "other_tok", vocab_size=200)
+    with pytest.raises(ValueError, match="neither the model's"):
+        pretrain.main(["--model", str(base), "--kl-ref", str(tmp_path / "other"), "--data", str(corpus / "ru.txt"),
+                       "--max-steps", "1", *common_args(tmp_path / "bad", tmp_path / "cache")])
+
+
+def run_subprocess(argv, env_extra=None, torchrun=0):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
+                "--master_port", str(29500 + os.getpid() % 1000)] if torchrun else [sys.executable]
+    return subprocess.run(launcher + [os.path.join(REPO, "pretrain.py"), *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
+    """The same global batch (2 ranks × 1 micro-batch vs 1 process × 2 micro-batches) gives the
+    same losses, KL, gradient norms, held-out bits/byte and final weights."""
+    data = ["--data", f"{corpus / 'ru.txt'}:1", f"{corpus / 'en.txt'}:1", "--eval-data", str(corpus / "docs.jsonl")]
+    common = ["--model", str(base), *data, "--batch-size", "2", "--max-steps", "4", "--eval-every", "2",
+              "--save-every", "0"]
+    torch.set_num_threads(1)
+    try:
+        pretrain.main([*common, "--grad-accum", "2", *common_args(tmp_path / "one", tmp_path / "cache")])
+    finally:
+        torch.set_num_threads(os.cpu_count())
+    r = run_subprocess([*common, "--grad-accum", "1", *common_args(tmp_path / "two", tmp_path / "cache")], torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    assert json.loads((tmp_path / "two" / "args.json").read_text())["world_size"] == 2
+    for a, b in zip(one, two):
+        for key in a:
+            if key in ("tokens_per_s", "mfu", "step"):
+                continue
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    assert {"val_bpb/ru", "val_bpb/en", "val_bpb/docs"} <= set(one[0])
+    w1, w2 = Transformer.from_pretrained(str(tmp_path / "one")), Transformer.from_pretrained(str(tmp_path / "two"))
+    for (k, a), b in zip(w1.state_dict().items(), w2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path):
+    """SIGKILL at step 5 (after the step-4 checkpoint); --resume continues from step 4 and every
+    logged number after it equals the uninterrupted run's."""
+    common = ["--model", str(base), "--data", f"{corpus / 'ru.txt'}:2", f"{corpus / 'en.txt'}:1",
+              "--batch-size", "2", "--grad-accum", "2", "--max-steps", "7", "--eval-every", "3",
+              "--save-every", "2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    torch.set_num_threads(1)
+    try:
+        pretrain.main([*common, *common_args(full, tmp_path / "cache")])
+        killed = run_subprocess([*common, *common_args(cut, tmp_path / "cache")], {"NANOADAPT_KILL_AT_STEP": "6"})
+        assert killed.returncode == -9, killed.stderr[-3000:]
+        assert not (cut / "config.json").exists()                    # no final model from a killed run
+        assert max(train_steps(cut)) == 5                            # it logged past its last checkpoint
+        with pytest.raises(ValueError, match="pass --resume"):
+            pretrain.main([*common, *common_args(cut, tmp_path / "cache")])
+        pretrain.main([*common, *common_args(cut, tmp_path / "cache"), "--resume"])
+    finally:
+        torch.set_num_threads(os.cpu_count())
+    a, b = metrics(full), metrics(cut)
+    assert [m["step"] for m in a] == [m["step"] for m in b]          # the interrupted run's step 5 was dropped
+    for x, y in zip(a, b):
+        for key in x:
+            if key not in ("tokens_per_s", "mfu"):
+                assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-8), (x["step"], key)
+    w1, w2 = Transformer.from_pretrained(str(full)), Transformer.from_pretrained(str(cut))
+    for (k, p), q in zip(w1.state_dict().items(), w2.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=k)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: one clear message
+# ------------------------------------------------------------------------------------------------
+def test_bad_input(corpus, base, tok_dir, tmp_path):
+    def run(*argv, out="out"):
+        pretrain.main(["--model", str(base), "--max-steps", "1", *argv,
+                       *common_args(tmp_path / out, tmp_path / "cache")])
+
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(ValueError, match=r"empty\.txt: no text \(empty corpus\)"):
+        run("--data", str(tmp_path / "empty.txt"))
+    assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")   # nothing half-written
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text here"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected a JSON object with a string field 'text'"):
+        run("--data", str(tmp_path / "bad.jsonl"))
+
+    make_model(tmp_path / "small", tok_dir, vocab_size=100)
+    with pytest.raises(ValueError, match=r"ru\.txt: token id \d+ is outside the model's vocabulary of 100 rows"):
+        pretrain.main(["--model", str(tmp_path / "small"), "--data", str(corpus / "ru.txt"), "--max-steps", "1",
+                       *common_args(tmp_path / "small_out", tmp_path / "cache")])
+
+    broken = Transformer.from_pretrained(str(base))
+    with torch.no_grad():
+        broken.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    broken.save_pretrained(str(tmp_path / "nan"), tokenizer_dir=str(tok_dir))
+    with pytest.raises(FloatingPointError, match="step 1: loss is nan"):
+        pretrain.main(["--model", str(tmp_path / "nan"), "--kl-weight", "0", "--data", str(corpus / "ru.txt"),
+                       "--max-steps", "2", *common_args(tmp_path / "nan_out", tmp_path / "cache")])
+    assert not (tmp_path / "nan_out" / "config.json").exists()
+
+    with pytest.raises(SystemExit):        # argparse: random weights are no reference to stay close to
+        pretrain.main(["--init-config", "x.json", "--tokenizer", str(tok_dir), "--data", "x.txt", "--out", "o"])
