@@ -318,17 +318,17 @@ def run_subprocess(argv, env_extra=None, torchrun=0):
 
 
 def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
-    """The same global batch (2 ranks × 1 micro-batch vs 1 process × 2 micro-batches) gives the
+    """The same global batch (2 ranks × 2 micro-batches vs 1 process × 4 micro-batches) gives the
     same losses, KL, gradient norms, held-out bits/byte and final weights."""
     data = ["--data", f"{corpus / 'ru.txt'}:1", f"{corpus / 'en.txt'}:1", "--eval-data", str(corpus / "docs.jsonl")]
-    common = ["--model", str(base), *data, "--batch-size", "2", "--max-steps", "4", "--eval-every", "2",
+    common = ["--model", str(base), *data, "--batch-size", "1", "--max-steps", "4", "--eval-every", "2",
               "--save-every", "0"]
     torch.set_num_threads(1)
     try:
-        pretrain.main([*common, "--grad-accum", "2", *common_args(tmp_path / "one", tmp_path / "cache")])
+        pretrain.main([*common, "--grad-accum", "4", *common_args(tmp_path / "one", tmp_path / "cache")])
     finally:
         torch.set_num_threads(os.cpu_count())
-    r = run_subprocess([*common, "--grad-accum", "1", *common_args(tmp_path / "two", tmp_path / "cache")], torchrun=2)
+    r = run_subprocess([*common, "--grad-accum", "2", *common_args(tmp_path / "two", tmp_path / "cache")], torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two]
@@ -344,7 +344,7 @@ def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path):
+def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path, capsys):
     """SIGKILL at step 5 (after the step-4 checkpoint); --resume continues from step 4 and every
     logged number after it equals the uninterrupted run's."""
     common = ["--model", str(base), "--data", f"{corpus / 'ru.txt'}:2", f"{corpus / 'en.txt'}:1",
@@ -360,7 +360,9 @@ def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path):
         assert max(train_steps(cut)) == 5                            # it logged past its last checkpoint
         with pytest.raises(ValueError, match="pass --resume"):
             pretrain.main([*common, *common_args(cut, tmp_path / "cache")])
+        capsys.readouterr()
         pretrain.main([*common, *common_args(cut, tmp_path / "cache"), "--resume"])
+        assert f"resumed from {cut / 'checkpoints' / 'step_000004'} at step 4" in capsys.readouterr().out
     finally:
         torch.set_num_threads(os.cpu_count())
     a, b = metrics(full), metrics(cut)
