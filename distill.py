@@ -262,33 +262,54 @@ class TopkStore:
 # ------------------------------------------------------------------------------------------------
 # conversations -> token ids and the positions to store
 # ------------------------------------------------------------------------------------------------
-def default_chat_template(tok):
-    """ChatML when the vocabulary has its tokens (Qwen, and what sft.py adds), else Mistral's [INST]."""
-    return "chatml" if all(t in tok.special_tokens for t in nano.CHAT_SPECIAL_TOKENS["chatml"]) else "mistral"
+def choose_template(requested, model_dir, cfg, tok):
+    """sft.py's rule, so that the teacher's conversations read as its SFT run wrote them: the model's own
+    chat_template when it is one of ours, else ChatML when the tokenizer has its tokens or the model is a
+    Qwen, else Mistral's [INST]. Unlike sft.py we cannot add missing tokens (teacher and student must
+    keep one vocabulary), so a template whose tokens the tokenizer lacks is refused."""
+    name = requested
+    if name is None:
+        config_path = os.path.join(model_dir, "tokenizer_config.json")
+        own = json.load(open(config_path)).get("chat_template") if os.path.isfile(config_path) else None
+        name = next((n for n, jinja in nano.CHAT_TEMPLATES.items() if jinja == own), None)
+    if name is None:
+        has_chatml = all(t in tok.special_tokens for t in nano.CHAT_SPECIAL_TOKENS["chatml"])
+        name = "chatml" if has_chatml or cfg.model_type.startswith("qwen") else "mistral"
+    missing = [t for t in nano.CHAT_SPECIAL_TOKENS[name] if t not in tok.special_tokens]
+    if missing:
+        raise ValueError(f"{model_dir}: the tokenizer lacks {missing}, which the {name} chat template needs; "
+                         "run the teacher through sft.py first (it adds them), or pass --chat-template mistral")
+    return name
 
 
 def shifted_positions(loss_mask, all_positions=False):
-    """The positions whose logits predict a supervised token: i with loss_mask[i + 1] (the shifted positions).
-    CE and KD are both computed at exactly these positions, against the token at i + 1."""
+    """The positions whose logits predict a supervised token: i with loss_mask[i + 1] (the shifted positions;
+    sft.py's labels are not IGNORE exactly there). CE and KD are both computed at these positions,
+    against the token at i + 1."""
     if all_positions:
         return list(range(len(loss_mask) - 1))
     return [i for i in range(len(loss_mask) - 1) if loss_mask[i + 1]]
 
 
-def tokenize_conversations(paths, tok, template, max_len, all_positions=False):
-    """Every conversation of the .jsonl files, rendered as sft.py renders it (model.render_chat).
-    Returns ([(ids, positions)], dropped): conversations longer than max_len tokens are dropped, not cut,
-    so no assistant answer is ever learnt without its ending."""
-    conversations, dropped = [], 0
+def tokenize_conversations(paths, tok, template, max_len, overlong="drop", all_positions=False):
+    """Every conversation of the .jsonl files, rendered as sft.py renders it (model.render_chat), with
+    sft.py's --overlong policy: a conversation longer than max_len tokens is dropped, or cut to its first
+    max_len tokens (then dropped only if nothing supervised is left).
+    Returns ([(ids, positions)], counts {kept, truncated, dropped})."""
+    conversations, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
     for path in paths:
         for messages in nano.read_conversations(path):
             ids, mask = nano.render_chat(messages, template, tok)
+            kind = "kept"
+            if len(ids) > max_len:
+                ids, mask, kind = ids[:max_len], mask[:max_len], "truncated"
             positions = shifted_positions(mask, all_positions)
-            if len(ids) > max_len or not positions:
-                dropped += 1
-                continue
-            conversations.append((ids, positions))
-    return conversations, dropped
+            if (kind == "truncated" and overlong == "drop") or not any(mask[1:]):
+                kind = "dropped"
+            counts[kind] += 1
+            if kind != "dropped":
+                conversations.append((ids, positions))
+    return conversations, counts
 
 
 def pack(lengths, order, seq_len):
@@ -379,14 +400,15 @@ def dump(args):
     import torch.distributed as dist
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tok = nano.load_tokenizer(args.teacher)
-    template = args.chat_template or default_chat_template(tok)
     teacher = nano.Transformer.from_pretrained(args.teacher, device=device, dtype=dtype).eval()
+    template = choose_template(args.chat_template, args.teacher, teacher.config, tok)
     V = teacher.config.vocab_size
     if not 0 < args.top_k < V:
         raise ValueError(f"--top-k {args.top_k}: must be between 1 and the vocabulary size - 1 ({V - 1})")
     if args.pack_len < args.max_len:
         raise ValueError(f"--pack-len {args.pack_len} must be at least --max-len {args.max_len}")
-    conversations, dropped = tokenize_conversations(args.data, tok, template, args.max_len, args.positions == "all")
+    conversations, counts = tokenize_conversations(args.data, tok, template, args.max_len, args.overlong,
+                                                   args.positions == "all")
     if not conversations:
         raise ValueError(f"{', '.join(args.data)}: no conversation fits --max-len {args.max_len}")
     pieces = tokenizer_pieces(tok)
@@ -397,7 +419,7 @@ def dump(args):
             "data_sha256": data_fingerprint(args.data), "tokenizer_sha256": sha256_json(pieces),
             "chat_template": template, "max_len": args.max_len, "positions": args.positions, "k": args.top_k,
             "chunk_conversations": args.chunk_conversations, "conversations": len(conversations),
-            "dropped": dropped, "chunks": n_chunks}
+            "overlong": args.overlong, "rendered": counts, "chunks": n_chunks}
 
     # plan.json first: a resumed dump must be the same dump, or its chunks would mix two teachers or datasets
     os.makedirs(args.out, exist_ok=True)
@@ -416,9 +438,9 @@ def dump(args):
         nano.print0(f"{args.out}: complete already (meta.json exists); nothing to do")
         return
 
-    nano.print0(f"teacher {args.teacher} ({dtype}, vocab {V}) | {len(conversations)} conversations "
-                f"({dropped} dropped: longer than --max-len {args.max_len} or nothing supervised) | "
-                f"{n_chunks} chunks | template {template} | top-k {args.top_k}")
+    nano.print0(f"teacher {args.teacher} ({dtype}, vocab {V}) | conversations: {counts['kept']} kept, "
+                f"{counts['truncated']} truncated, {counts['dropped']} dropped (longer than --max-len {args.max_len}, "
+                f"--overlong {args.overlong}) | {n_chunks} chunks | template {template} | top-k {args.top_k}")
     ids_type, tokens_type = id_dtype(V), id_dtype(max(V, tok.vocab_size))
     mine = [c for c in range(n_chunks) if c % world == rank]               # each rank writes its own chunks
     todo = [c for c in mine if not os.path.isdir(os.path.join(args.out, chunk_name(c)))]
@@ -476,7 +498,7 @@ def write_meta(out, plan, vocab_size, tok, elapsed, world):
             "id_dtype": np.dtype(id_dtype(vocab_size)).name,
             "tokenizer": {"sha256": plan["tokenizer_sha256"], "pieces": "tokenizer_pieces.json"},
             "counts": {"conversations": total("conversations"), "tokens": total("tokens"), "rows": total("rows"),
-                       "dropped": plan["dropped"]},
+                       "dropped": plan["rendered"]["dropped"], "truncated": plan["rendered"]["truncated"]},
             "max_topk_id": max(c["max_topk_id"] for c in chunks),
             "bytes": nbytes, "bytes_per_row": row_bytes,
             "bytes_per_token": round(nbytes / total("tokens"), 2),
@@ -555,40 +577,45 @@ def evaluate_heldout(model, store, conversations, lengths, args, device, rank, w
     return {"eval_ce": ce / rows, "eval_kl": kl / rows, "eval_teacher_ce": teacher_ce / rows, "eval_rows": int(rows)}
 
 
-def save_final(model, out, lora, student_dir):
-    """The final student into the run directory itself (HF format, LoRA merged; the adapter also on its own),
-    next to checkpoints/ and metrics.jsonl: written whole in a temporary directory, then moved file by file
-    (save_pretrained's atomic replace of `out` would delete the run's checkpoints and metrics)."""
-    tmp = os.path.join(out, ".final.tmp")
+def save_final(raw, out, state_dict, tokenizer_dir):
+    """The final student into the run directory itself, as sft.py does it: the run directory also holds
+    checkpoints/ and metrics.jsonl, so it cannot be replaced whole; the model is written to a temporary
+    directory, then moved in file by file with config.json last (a directory with config.json is complete)."""
+    tmp = os.path.join(out, ".final")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer_dir=student_dir, state_dict=nano.merged_state_dict(model) if lora else None)
-    for name in os.listdir(tmp):
+    raw.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
+    if os.path.exists(os.path.join(out, "config.json")):
+        os.remove(os.path.join(out, "config.json"))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
         os.replace(os.path.join(tmp, name), os.path.join(out, name))
     os.rmdir(tmp)
-    if lora:
-        nano.save_lora_adapter(model, os.path.join(out, "adapter"), base_model=os.path.abspath(student_dir))
 
 
 def train(args):
     rank, _, world, device = nano.init_distributed()
     import torch.distributed as dist
     from tqdm import tqdm
-    torch.manual_seed(args.seed)
-    store = TopkStore(args.store)
-    tok = nano.load_tokenizer(args.student)
-    store.check_student_tokenizer(tok, args.student)
     lora = args.lora_rank > 0
-    autocast = device.type == "cuda"           # bf16 compute on GPUs; fp32 master weights (full FT) / adapters (LoRA)
-    weights_dtype = torch.bfloat16 if lora and device.type == "cuda" else torch.float32
-    model = nano.Transformer.from_pretrained(args.student, device=device, dtype=weights_dtype)
-    if model.config.vocab_size <= store.meta["max_topk_id"]:
-        raise ValueError(f"{args.student}: vocabulary of {model.config.vocab_size} rows, but the store holds "
+    ckpt = nano.latest_checkpoint(args.out)
+    if ckpt is not None and not args.resume:
+        raise SystemExit(f"{args.out} already holds checkpoints ({ckpt}); pass --resume, or choose another --out")
+
+    # -- store, student, tokenizer check -----------------------------------------------------------------
+    store = TopkStore(args.store)
+    store.check_student_tokenizer(nano.load_tokenizer(args.student), args.student)
+    # full fine-tuning resumes from the checkpoint's weights; LoRA from the base plus the saved adapter (sft.py)
+    from_ckpt = ckpt is not None and not lora
+    raw = nano.Transformer.from_pretrained(ckpt if from_ckpt else args.student, device=device, dtype=args.dtype)
+    if raw.config.vocab_size <= store.meta["max_topk_id"]:
+        raise ValueError(f"{args.student}: vocabulary of {raw.config.vocab_size} rows, but the store holds "
                          f"teacher ids up to {store.meta['max_topk_id']}")
     if lora:
-        nano.add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
-    model.gradient_checkpointing = args.gradient_checkpointing
+        torch.manual_seed(args.seed)                                    # the adapters' initialisation
+        nano.add_lora(raw, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
+    raw.gradient_checkpointing = args.gradient_checkpointing
+    trainable = [p for p in raw.parameters() if p.requires_grad]
 
-    # data: every stored conversation, the last --eval-conversations held out
+    # -- data: every stored conversation, the last --eval-conversations held out -------------------------
     lengths, rows_per_conversation = store.lengths()
     if lengths.max() > args.seq_len:
         raise ValueError(f"{args.store}: conversations of up to {lengths.max()} tokens, longer than --seq-len "
@@ -598,113 +625,120 @@ def train(args):
         raise ValueError(f"--eval-conversations {n_eval}: the store has {len(store)} conversations")
     train_ids, eval_ids = np.arange(len(store) - n_eval), np.arange(len(store) - n_eval, len(store))
     plan = training_plan(lengths, train_ids, args.seq_len, args.batch_size, args.epochs, args.seed)
-    per_step = args.grad_accum * world
-    total_steps = len(plan) // per_step
+    per_step = args.grad_accum * world                  # micro-batches per optimizer step, all ranks
+    total_steps = len(plan) // per_step                 # the last incomplete step of the run is not taken
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     if total_steps == 0:
         raise ValueError(f"{len(plan)} micro-batches of {args.batch_size} sequences: fewer than one optimizer step "
                          f"({args.grad_accum} × {world} ranks); lower --batch-size or --grad-accum")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2),
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
-    step = 0
-    ckpt = nano.latest_checkpoint(args.out) if args.resume else None
-    if ckpt:
+    # -- optimizer, resume ----------------------------------------------------------------------------
+    model = nano.parallelize(raw, device)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    start_step = 0
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if ckpt is not None:
         state = nano.load_trainer_state(ckpt)
         if lora:
-            nano.load_lora_state_dict(model, state["adapter"], source=ckpt)
-        else:
-            model.load_state_dict(nano.Transformer.from_pretrained(ckpt, device=device, dtype=weights_dtype).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
-        nano.print0(f"resumed from {ckpt} at step {step}")
-    model = nano.parallelize(model, device)
-    model.train()
-
+            nano.load_lora_state_dict(raw, state["lora"], ckpt)
+        nano.load_optimizer_state(model, optimizer, state["optimizer"])
+        start_step = state["step"]
+        nano.print0(f"resumed from {ckpt} at step {start_step}")
+        if rank == 0 and os.path.isfile(metrics_path):                # drop records of steps after the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         write_json_atomic(os.path.join(args.out, "args.json"), vars(args))
-    nano.print0(json.dumps(vars(args), ensure_ascii=False))
-    nano.print0(f"store {args.store}: {len(store)} conversations, {int(rows_per_conversation.sum())} rows, "
-                f"top-{store.k} | {len(train_ids)} train, {n_eval} held out | {total_steps} steps of "
-                f"{per_step} micro-batches | {'LoRA r=%d' % args.lora_rank if lora else 'full fine-tuning'}")
+    nano.print0("arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
+    nano.print0(f"store {args.store}: {len(store)} conversations, {int(rows_per_conversation.sum())} rows, top-{store.k} "
+                f"| {len(train_ids)} train, {n_eval} held out | {total_steps} steps of {per_step} micro-batches | "
+                + (f"LoRA r={args.lora_rank} alpha={args.lora_alpha}" if lora else "full fine-tuning")
+                + f" | λ={args.kd_weight} tail={args.kd_tail} w={args.kd_weighting} T={args.temperature}")
+    autocast = device.type == "cuda"                 # bf16 matmuls on GPUs; the loss is fp32 either way
     peak = nano.gpu_peak_flops(device)
-    flops_per_token = nano.unwrap(model).flops_per_token(args.seq_len)
+    # frozen weights get no weight gradient: about 4 instead of 6 FLOPs per parameter and token
+    flops_per_token = raw.flops_per_token(args.seq_len) * (4 / 6 if lora else 1)
 
     def log(record):
         if rank == 0:
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def evaluate(step):
+        if n_eval:
+            result = {"step": step, **evaluate_heldout(model, store, eval_ids, lengths, args, device, rank, world, autocast)}
+            nano.print0(json.dumps(result))
+            log(result)
+
     def checkpoint(step):
-        raw = nano.unwrap(model)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
-        if lora:
-            state["adapter"] = nano.lora_state_dict(raw)
         if rank == 0:
-            nano.save_checkpoint(args.out, step, raw, state, tokenizer_dir=args.student,
+            state = {"step": step, "optimizer": optimizer.state_dict()}
+            if lora:
+                state["lora"] = nano.lora_state_dict(raw)
+            nano.save_checkpoint(args.out, step, raw, state, tokenizer_dir=args.student, keep=args.keep,
                                  state_dict=nano.merged_state_dict(raw) if lora else None)
         if dist.is_initialized():
             dist.barrier()
 
-    bar = tqdm(total=total_steps, initial=step, desc="distill", disable=rank != 0)
-    while step < total_steps:
+    # -- training loop ------------------------------------------------------------------------------
+    if start_step == 0:
+        evaluate(0)
+    model.train()
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="distill", disable=rank != 0)
+    for step in bar:
         t0 = time.perf_counter()
-        lr = nano.lr_at(step, args.lr, args.warmup_steps, total_steps)
+        # dropout randomness is a function of (seed, step, rank): a resumed run draws the same masks
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
+        lr = nano.lr_at(step, args.lr, args.warmup_steps, total_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_micro = plan[step * per_step:(step + 1) * per_step]
-        # the global number of stored rows in this step: every rank knows it from the plan
+        # the global number of stored rows in this step: every rank knows it from the plan, no all-reduce
         n_rows = sum(int(rows_per_conversation[i]) for micro in step_micro for seq in micro for i in seq)
+        n_tokens = sum(int(lengths[i]) for micro in step_micro for seq in micro for i in seq)
         sums = torch.zeros(4, dtype=torch.float64, device=device)                 # loss, ce, kd, w
-        tokens = 0
         for m in range(args.grad_accum):
-            micro = step_micro[m * world + rank]
-            input_ids, doc_ids, flat, gold, t = load_batch(store, micro, device)
-            nano.set_grad_sync(model, m == args.grad_accum - 1)   # one all-reduce per optimizer step
-            logits = student_logits(model, input_ids, doc_ids, flat, autocast)
+            input_ids, doc_ids, flat, gold, t = load_batch(store, step_micro[m * world + rank], device)
+            nano.set_grad_sync(model, m == args.grad_accum - 1)                   # one all-reduce per optimizer step
+            logits = student_logits(model, input_ids, doc_ids, flat, autocast)    # (N, V) fp32, stored rows only
             loss, ce, kd, w = distill_loss(logits, gold, t["topk_ids"], t["topk_logprobs"], t["tail_logprob"],
                                            t["gold_logprob"], t["log_partition"], args.kd_weight, args.temperature,
                                            args.kd_tail, args.kd_weighting, args.seed_eps)
             # sum over rows / global rows; × world because DDP averages the ranks' gradients
             (loss.sum() * world / n_rows).backward()
             sums += torch.stack([loss.sum(), ce.sum(), kd.sum(), w.sum()]).detach().double()
-            tokens += int(sum(lengths[i] for seq in micro for i in seq))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip else torch.tensor(0.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
         if dist.is_initialized():
             dist.all_reduce(sums)
-        dt = time.perf_counter() - t0
+        done, dt = step + 1, time.perf_counter() - t0
         loss, ce, kd, w = (sums / n_rows).tolist()
-        tokens_per_s = tokens * world / dt
-        record = {"step": step, "loss": loss, "ce": ce, "kd": kd, "w": w, "lr": lr,
-                  "grad_norm": float(grad_norm), "rows": n_rows, "tokens_per_s": tokens_per_s}
+        record = {"step": done, "loss": loss, "ce": ce, "kd": kd, "w": w, "lr": lr, "grad_norm": float(grad_norm),
+                  "rows": n_rows, "tokens_per_s": n_tokens / dt}
         if peak:
-            record["mfu"] = flops_per_token * tokens_per_s / (peak * world)
-        bar.update(1)
-        if step % args.log_every == 0 or step == total_steps:
-            bar.set_postfix(loss=f"{loss:.4f}", ce=f"{ce:.4f}", kd=f"{kd:.4f}")
+            record["mfu"] = flops_per_token * n_tokens / dt / (peak * world)
+        if done % args.log_every == 0 or done == total_steps:
             log(record)
-        if n_eval and args.eval_every and (step % args.eval_every == 0 or step == total_steps):
-            result = {"step": step, **evaluate_heldout(model, store, eval_ids, lengths, args, device, rank, world, autocast)}
-            nano.print0(json.dumps(result))
-            log(result)
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
-            checkpoint(step)
+        bar.set_postfix(loss=f"{loss:.4f}", ce=f"{ce:.4f}", kd=f"{kd:.4f}", lr=f"{lr:.2e}")
+        if args.eval_every and done % args.eval_every == 0 and done < total_steps:
+            evaluate(done)
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            checkpoint(done)
     bar.close()
-    if n_eval and not args.eval_every:
-        result = {"step": step, **evaluate_heldout(model, store, eval_ids, lengths, args, device, rank, world, autocast)}
-        nano.print0(json.dumps(result))
-        log(result)
-    checkpoint(step)
+    evaluate(total_steps)
+
+    # -- final model ------------------------------------------------------------------------------------
+    checkpoint(total_steps)
     if rank == 0:
-        save_final(nano.unwrap(model), args.out, lora, args.student)
-        nano.print0(f"saved the student to {args.out}")
+        save_final(raw, args.out, nano.merged_state_dict(raw) if lora else None, args.student)
+        if lora:
+            nano.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.student))
+        nano.print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -725,8 +759,11 @@ def parse_args(argv=None):
     d.add_argument("--data", required=True, nargs="+", help="chat .jsonl files: {'messages': [...]} or Alpaca records")
     d.add_argument("--out", required=True, help="store directory (created; an unfinished one is resumed)")
     d.add_argument("--chat-template", choices=sorted(nano.CHAT_TEMPLATES), default=None,
-                   help="as in sft.py (default: chatml when the tokenizer has its tokens, else mistral)")
-    d.add_argument("--max-len", type=int, default=1024, help="conversations longer than this (tokens) are dropped")
+                   help="default as sft.py's auto: the teacher's own template, else chatml when its tokenizer "
+                        "has the tokens or it is a Qwen, else mistral")
+    d.add_argument("--max-len", type=int, default=1024, help="longest conversation in tokens (sft.py's --seq-len)")
+    d.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
+                   help="a longer conversation: drop it, or keep its first --max-len tokens (as sft.py)")
     d.add_argument("--positions", choices=("supervised", "all"), default="supervised",
                    help="store the positions that predict an assistant token (what sft.py trains on), or every position")
     # store
@@ -757,28 +794,32 @@ def parse_args(argv=None):
     t.add_argument("--seed-eps", type=float, default=1e-6, help="ε in the seed weighting")
     # full fine-tuning or LoRA (as sft.py)
     t.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning (seed 003: 128)")
-    t.add_argument("--lora-alpha", type=float, default=256.0, help="LoRA α (scale α/r; seed 003 tuned 128-512)")
+    t.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α; the update is scaled by α/r (seed 003: 128-512)")
     t.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated linear layers to adapt")
     t.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
     # optimisation
     t.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    t.add_argument("--epochs", type=int, default=1, help="passes over the store")
+    t.add_argument("--epochs", type=int, default=3, help="passes over the store (sft.py: Vikhr Table 5)")
     t.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
     t.add_argument("--batch-size", type=int, default=3, help="packed sequences per micro-batch per rank")
     t.add_argument("--grad-accum", type=int, default=64, help="micro-batches per optimizer step per rank")
     t.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence")
-    t.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, then cosine decay to 0.1·lr")
-    t.add_argument("--beta1", type=float, default=0.9, help="AdamW β1")
+    t.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in optimizer steps")
+    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at this fraction of --lr")
+    t.add_argument("--beta1", type=float, default=0.99, help="AdamW β1")
     t.add_argument("--beta2", type=float, default=0.95, help="AdamW β2")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    t.add_argument("--seed", type=int, default=0, help="shuffling and adapter init")
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="student weight dtype (on CUDA the matmuls run in bf16 autocast either way)")
+    t.add_argument("--seed", type=int, default=0, help="data order, dropout, adapter init")
     # logging and checkpoints
     t.add_argument("--log-every", type=int, default=1, help="steps between metrics.jsonl lines")
-    t.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: at the end)")
-    t.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end only)")
+    t.add_argument("--eval-every", type=int, default=50, help="held-out evaluation every N steps (and at start and end)")
+    t.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
+    t.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     return parser.parse_args(argv)
 

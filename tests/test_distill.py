@@ -256,6 +256,28 @@ def teacher_topk_at(teacher, input_ids, doc_ids, flat):
         return teacher(input_ids, doc_ids=doc_ids).flatten(0, 1)[flat].topk(5, -1).indices
 
 
+def test_dump_tokenizes_and_supervises_as_sft(env, tmp_path):
+    """The store's tokens are sft.py's ids, and its rows are exactly where sft.py's labels are not IGNORE."""
+    import sft
+    tok = nano.load_tokenizer(env["teacher"])
+    teacher = nano.Transformer.from_pretrained(env["teacher"])
+    template = sft.choose_template("auto", env["teacher"], teacher.config, tok)
+    assert distill.choose_template(None, env["teacher"], teacher.config, tok) == template == "chatml"
+    examples, counts = sft.render_all(nano.read_conversations(env["data"]), template, tok, 512, "drop")
+    store = distill.TopkStore(env["store"])
+    assert len(examples) == len(store) and counts["dropped"] == store.meta["counts"]["dropped"] == 0
+    for i, (ids, _) in enumerate(examples):
+        _, labels, _ = sft.make_batch([[i]], examples, 512, 0)
+        tokens, rows = store.conversation(i)
+        assert tokens.tolist() == ids
+        assert rows["positions"].tolist() == torch.nonzero(labels[0] != sft.IGNORE)[:, 0].tolist()
+    # the same overlong policy: truncate keeps the first --max-len tokens, drop drops
+    for overlong in ("drop", "truncate"):
+        ours, c1 = distill.tokenize_conversations([env["data"]], tok, template, 60, overlong)
+        theirs, c2 = sft.render_all(nano.read_conversations(env["data"]), template, tok, 60, overlong)
+        assert c1 == c2 and [ids for ids, _ in ours] == [ids for ids, _ in theirs]
+
+
 # ------------------------------------------------------------------------------------------------
 # refusals
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +380,7 @@ def test_train_lowers_kl_saves_hf_and_resumes_exactly(env, tmp_path):
     m = read_metrics(run)
     evals = [r for r in m if "eval_kl" in r]
     assert [r["step"] for r in m if "loss" in r] == list(range(1, 7))
-    assert len(evals) == 2 and evals[-1]["eval_kl"] < evals[0]["eval_kl"]
+    assert [r["step"] for r in evals] == [0, 3, 6] and evals[-1]["eval_kl"] < evals[0]["eval_kl"]
     assert os.path.isfile(os.path.join(run, "args.json")) and nano.latest_checkpoint(run).endswith("step_000006")
     hf = transformers.AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)          # an HF checkpoint
     assert hf.config.hidden_size == 32
