@@ -808,10 +808,11 @@ def main(argv=None):
     bar = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
     if start_step == 0:
         evaluate(0)
-    t0, tokens_since = time.perf_counter(), 0
+    train_time, tokens_since = 0.0, 0          # tokens/s counts training steps only, not evaluation or saving
     for step in range(start_step + 1, max_steps + 1):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        t_step = time.perf_counter()
         # this rank's slice of the global batch, as A micro-batches of B rows
         rows = data.global_batch(step, global_rows)[rank * A * B:(rank + 1) * A * B]
         micro = [[t.to(device) for t in data.load(rows[i * B:(i + 1) * B])] for i in range(A)]
@@ -852,18 +853,17 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_since += global_rows * T
+        train_time += time.perf_counter() - t_step
         bar.update(1)
 
         if step % args.log_every == 0 or step == max_steps:
-            tok_s = tokens_since / (time.perf_counter() - t0)
+            tok_s = tokens_since / train_time
             mfu = flops_per_token * tok_s / world / peak if peak else None
             record({"step": step, "loss": loss, "ce": ce_mean, "kl": kl_mean, "lr": lr,
                     "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "mfu": mfu})
-            if rank == 0:
-                bar.write(f"step {step}/{max_steps} | loss {loss:.4f} | ce {ce_mean:.4f} | kl {kl_mean:.4f} | "
-                          f"lr {lr:.2e} | grad norm {grad_norm.item():.3f} | {tok_s:,.0f} tok/s"
-                          + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
-            t0, tokens_since = time.perf_counter(), 0
+            log(f"step {step}/{max_steps} | loss {loss:.4f} | ce {ce_mean:.4f} | kl {kl_mean:.4f} | lr {lr:.2e} | "
+                f"grad norm {grad_norm.item():.3f} | {tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
+            train_time, tokens_since = 0.0, 0
         if args.eval_every and step % args.eval_every == 0 and step != max_steps:
             evaluate(step)
         if args.save_every and step % args.save_every == 0 and step != max_steps:
