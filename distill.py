@@ -381,7 +381,9 @@ def teacher_topk(teacher, conversations, k, pack_len, batch_size, device):
             gold = logprobs.gather(1, targets[r:r + HEAD_ROWS, None])[:, 0]
             # the tail as a logsumexp over the complement: log(1 - Σ top-k) loses everything below ~1e-7
             tail = logprobs.scatter_(1, ids, float("-inf")).logsumexp(-1)
-            for name, t in (("topk_ids", ids), ("topk_logprobs", values.half()), ("log_partition", log_z),
+            # fp16 ends at -65504: clamp there, so a vanishing probability stays 0 instead of -inf (NaN in the KL)
+            values = values.clamp(min=torch.finfo(torch.float16).min).half()
+            for name, t in (("topk_ids", ids), ("topk_logprobs", values), ("log_partition", log_z),
                             ("tail_logprob", tail), ("gold_logprob", gold)):
                 out[name].append(t.cpu())
     return {name: torch.cat(ts).numpy() for name, ts in out.items()}
@@ -624,6 +626,14 @@ def train(args):
     if not 0 <= n_eval < len(store):
         raise ValueError(f"--eval-conversations {n_eval}: the store has {len(store)} conversations")
     train_ids, eval_ids = np.arange(len(store) - n_eval), np.arange(len(store) - n_eval, len(store))
+    eval_store, eval_lengths = store, lengths
+    if args.eval_store:                      # held-out conversations dumped on their own, by the same teacher
+        eval_store = TopkStore(args.eval_store)
+        if eval_store.meta["tokenizer"]["sha256"] != store.meta["tokenizer"]["sha256"]:
+            raise ValueError(f"{args.eval_store}: written with another tokenizer than {args.store}")
+        eval_lengths = eval_store.lengths()[0]
+        eval_ids = np.arange(len(eval_store))
+        n_eval = len(eval_ids)
     plan = training_plan(lengths, train_ids, args.seq_len, args.batch_size, args.epochs, args.seed)
     per_step = args.grad_accum * world                  # micro-batches per optimizer step, all ranks
     total_steps = len(plan) // per_step                 # the last incomplete step of the run is not taken
@@ -670,7 +680,8 @@ def train(args):
 
     def evaluate(step):
         if n_eval:
-            result = {"step": step, **evaluate_heldout(model, store, eval_ids, lengths, args, device, rank, world, autocast)}
+            result = {"step": step, **evaluate_heldout(model, eval_store, eval_ids, eval_lengths, args, device, rank,
+                                                       world, autocast)}
             nano.print0(json.dumps(result))
             log(result)
 
@@ -784,6 +795,7 @@ def parse_args(argv=None):
     t.add_argument("--out", required=True, help="run directory: final model, checkpoints/, metrics.jsonl, args.json")
     t.add_argument("--eval-conversations", type=int, default=0,
                    help="hold out the store's last N conversations: held-out CE and KL to the teacher")
+    t.add_argument("--eval-store", default=None, help="a store of held-out conversations (instead of --eval-conversations)")
     # distillation (seed 003)
     t.add_argument("--kd-weight", type=float, default=0.2, help="λ in CE + λ·w·KD (seed 003: 0.2)")
     t.add_argument("--kd-tail", choices=("bucket", "renorm"), default="bucket",
