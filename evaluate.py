@@ -415,6 +415,8 @@ def generate_all(model, tok, prompts, template, args):
     encoded = {i: encode_prompt(p, template, tok)[-(args.max_len - args.max_new_tokens):] for i, p in prompts}
     order = sorted(encoded, key=lambda i: len(encoded[i]))
     batches = [order[s:s + args.batch_size] for s in range(0, len(order), args.batch_size)]
+    if order:   # warm up (kernels, allocator, thread pools) so the first batch's speed is not an outlier
+        generate(model, [encoded[order[0]]], 2, vocab_limit=tok.vocab_size)
     results, seconds = [], 0.0
     for batch in tqdm(batches, desc="generating", disable=not is_rank0() or not batches, file=sys.stderr, leave=False):
         if device.type == "cuda":
