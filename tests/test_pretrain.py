@@ -319,7 +319,7 @@ def run_subprocess(argv, env_extra=None, torchrun=0):
 
 def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
     """The same global batch (2 ranks × 2 micro-batches vs 1 process × 4 micro-batches) gives the
-    same losses, KL, gradient norms, held-out bits/byte and final weights."""
+    same losses, KL, gradient norms, held-out bits/byte and final weights, under DDP and FSDP2."""
     data = ["--data", f"{corpus / 'ru.txt'}:1", f"{corpus / 'en.txt'}:1", "--eval-data", str(corpus / "docs.jsonl")]
     common = ["--model", str(base), *data, "--batch-size", "1", "--max-steps", "4", "--eval-every", "2",
               "--save-every", "0"]
@@ -328,20 +328,24 @@ def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
         pretrain.main([*common, "--grad-accum", "4", *common_args(tmp_path / "one", tmp_path / "cache")])
     finally:
         torch.set_num_threads(os.cpu_count())
-    r = run_subprocess([*common, "--grad-accum", "2", *common_args(tmp_path / "two", tmp_path / "cache")], torchrun=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [m["step"] for m in one] == [m["step"] for m in two]
-    assert json.loads((tmp_path / "two" / "args.json").read_text())["world_size"] == 2
-    for a, b in zip(one, two):
-        for key in a:
-            if key in ("tokens_per_s", "mfu", "step"):
-                continue
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    one = metrics(tmp_path / "one")
     assert {"val_bpb/ru", "val_bpb/en", "val_bpb/docs"} <= set(one[0])
-    w1, w2 = Transformer.from_pretrained(str(tmp_path / "one")), Transformer.from_pretrained(str(tmp_path / "two"))
-    for (k, a), b in zip(w1.state_dict().items(), w2.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+    w1 = Transformer.from_pretrained(str(tmp_path / "one")).state_dict()
+    for mode in ("ddp", "fsdp"):            # FSDP2 shards weights, gradients and optimiser state over the 2 ranks
+        out = tmp_path / mode
+        r = run_subprocess([*common, "--grad-accum", "2", *common_args(out, tmp_path / "cache"),
+                            *(["--fsdp"] if mode == "fsdp" else [])], torchrun=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        two = metrics(out)
+        assert [m["step"] for m in one] == [m["step"] for m in two]
+        assert json.loads((out / "args.json").read_text())["world_size"] == 2
+        for a, b in zip(one, two):
+            for key in a:
+                if key not in ("tokens_per_s", "mfu", "step"):
+                    assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (mode, a["step"], key)
+        w2 = Transformer.from_pretrained(str(out)).state_dict()
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=f"{mode} {k}")
 
 
 def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path, capsys):
