@@ -53,7 +53,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -359,7 +358,7 @@ def hidden_at(model, input_ids, doc_ids, flat):
 # ------------------------------------------------------------------------------------------------
 # dump: the teacher's top-k at every stored position
 # ------------------------------------------------------------------------------------------------
-HEAD_ROWS = 1024        # rows per lm_head call in the dump: bounds the fp32 (rows, V) logits to ~0.6 GB at V = 152k
+HEAD_ROWS = 1024        # rows per lm_head call in the dump: bounds the fp32 (rows, V) logits to 0.6 GB at V = 152k
 
 
 @torch.no_grad()
@@ -389,11 +388,11 @@ def teacher_topk(teacher, conversations, k, pack_len, batch_size, device):
     return {name: torch.cat(ts).numpy() for name, ts in out.items()}
 
 
-def data_fingerprint(paths):
+def file_sha256(path):
     h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            h.update(hashlib.sha256(f.read()).digest())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -416,9 +415,9 @@ def dump(args):
     pieces = tokenizer_pieces(tok)
     n_chunks = math.ceil(len(conversations) / args.chunk_conversations)
     plan = {"format": STORE_FORMAT, "teacher": os.path.abspath(args.teacher),
-            "teacher_config_sha256": hashlib.sha256(open(os.path.join(args.teacher, "config.json"), "rb").read()).hexdigest(),
+            "teacher_config_sha256": file_sha256(os.path.join(args.teacher, "config.json")),
             "teacher_dtype": str(dtype).removeprefix("torch."), "data": [os.path.abspath(p) for p in args.data],
-            "data_sha256": data_fingerprint(args.data), "tokenizer_sha256": sha256_json(pieces),
+            "data_sha256": sha256_json([file_sha256(p) for p in args.data]), "tokenizer_sha256": sha256_json(pieces),
             "chat_template": template, "max_len": args.max_len, "positions": args.positions, "k": args.top_k,
             "chunk_conversations": args.chunk_conversations, "conversations": len(conversations),
             "overlong": args.overlong, "rendered": counts, "chunks": n_chunks}
