@@ -176,6 +176,17 @@ def test_choice_log_likelihoods_equal_transformers(tmp_path, llama):
             assert rel(d["letter_loglik"][k], ref) < 1e-5
 
 
+def test_long_context_loses_its_beginning_not_the_choice(llama):
+    _, _, tok = llama
+    context, choice = RU * 3, " Гуров"
+    cont = tok.encode_continuation(choice)
+    ids, first = evaluate.choice_request(context, choice, tok, tok.bos_id, 40, "q")
+    full = [tok.bos_id] + tok.encode(context) + cont
+    assert ids == full[-40:] and ids[first:] == cont
+    with pytest.raises(InputError, match="longer than --max-len"):
+        evaluate.choice_request(context, choice * 20, tok, tok.bos_id, 40, "q")
+
+
 def word_start_pieces(tok):
     """Ids of pieces "▁word" that spell themselves: encode_continuation(" word") is that one id."""
     out = []
@@ -270,7 +281,7 @@ def test_language_purity_on_hand_written_strings():
     assert language_purity("Hello мир", script="Latin") == 0.5
     assert language_purity("Γειά σου κόσμε", script="greek") == 1.0
     assert language_purity("йод", script="Cyrillic") == 1.0
-    assert language_purity("Cafe\u0301 кофе", script="Latin") == 0.5     # NFD accent: still one Latin word
+    assert language_purity("и\u0306од and") == 0.5     # NFD "й" is one letter after NFC: [йод, and], not [и, од, and]
 
 
 def test_chat_rendering():
