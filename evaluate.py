@@ -49,7 +49,8 @@ import unicodedata
 import torch
 from tqdm import tqdm
 
-from model import Transformer, generate, init_distributed, is_rank0, load_tokenizer, print0
+from model import (CHAT_TEMPLATES, Transformer, chat_prompt, generate, init_distributed, is_rank0, load_tokenizer,
+                   print0)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -332,19 +333,24 @@ def mc_metrics(questions, scores, tok):
 # 5. generation: chat rendering, speed, language purity
 # ------------------------------------------------------------------------------------------------
 def detect_chat_template(model_dir):
-    """'chatml' or 'mistral' when the model's own template (tokenizer_config.json or chat_template.jinja)
-    is recognisably one of them, else 'plain'. Jinja templates are recognised, not executed."""
+    """The model's own chat template (tokenizer_config.json or chat_template.jinja) as one of the
+    templates model.py renders: 'chatml' or 'mistral' when it is one of ours (sft.py writes them) or
+    recognisably the same format (Qwen's ChatML, Mistral's [INST]); 'plain' for a base model without
+    one. Jinja is recognised, never executed (it is code from the model directory)."""
     template = ""
     config = os.path.join(model_dir, "tokenizer_config.json")
     if os.path.isfile(config):
         with open(config, encoding="utf-8") as f:
             template = json.load(f).get("chat_template") or ""
-        if isinstance(template, list):                 # a list of named templates: take them all
+        if isinstance(template, list):                 # a list of named templates: look at them all
             template = " ".join(t.get("template", "") for t in template)
     jinja = os.path.join(model_dir, "chat_template.jinja")
     if os.path.isfile(jinja):
         with open(jinja, encoding="utf-8") as f:
             template += f.read()
+    for name, ours in CHAT_TEMPLATES.items():
+        if template == ours:
+            return name
     if "<|im_start|>" in template:
         return "chatml"
     if "[INST]" in template:
@@ -352,25 +358,18 @@ def detect_chat_template(model_dir):
     return "plain"
 
 
-def render_chat(messages, template, tok):
-    """The text of a conversation up to the point where the assistant answers.
-    Special tokens are written as text: tokenizer.encode turns them into their single ids."""
-    if template == "chatml":
-        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return turns + "<|im_start|>assistant\n"
-    if template == "mistral":
-        # [INST] user [/INST] answer</s> ...; a system message goes before the first user message
-        eos = tok.id_to_piece(tok.eos_id) if tok.eos_id is not None else ""
-        system = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
-        out = ""
-        for m in messages:
-            if m["role"] == "user":
-                out += f"[INST] {system}{m['content']} [/INST]"
-                system = ""
-            elif m["role"] == "assistant":
-                out += f" {m['content']}{eos}"
-        return out
-    return "\n\n".join(m["content"] for m in messages) + "\n\n"       # plain: a base model continues the text
+def encode_prompt(prompt, template, tok, where):
+    """Token ids of a prompt: a plain one is the start of a text (BOS first); a conversation is
+    rendered by model.py's chat template, or, with 'plain', its turns joined by blank lines for a
+    base model to continue."""
+    if "text" in prompt:
+        return tok.encode(prompt["text"], add_bos=True)
+    if template == "plain":
+        return tok.encode("\n\n".join(m["content"] for m in prompt["messages"]) + "\n\n", add_bos=True)
+    try:
+        return chat_prompt(prompt["messages"], template, tok)
+    except ValueError as e:                            # e.g. roles that do not alternate in [INST]
+        raise InputError(f"{where}: {e}") from None
 
 
 def stop_ids(tok, model, template):
@@ -399,11 +398,6 @@ def language_purity(text, script="CYRILLIC"):
     return in_script / len(words)
 
 
-def encode_prompt(prompt, template, tok):
-    text = prompt["text"] if "text" in prompt else render_chat(prompt["messages"], template, tok)
-    return tok.encode(text, add_bos=True)
-
-
 @torch.inference_mode()
 def generate_all(model, tok, prompts, template, args):
     """Completions of prompts (this rank's share), in batches of similar length.
@@ -412,7 +406,9 @@ def generate_all(model, tok, prompts, template, args):
     stops = stop_ids(tok, model, template)
     specials = set(tok.special_tokens.values())
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    encoded = {i: encode_prompt(p, template, tok)[-(args.max_len - args.max_new_tokens):] for i, p in prompts}
+    # a prompt too long for max_len keeps its end: the question and the assistant's cue
+    encoded = {i: encode_prompt(p, template, tok, f"{args.prompts}: prompt {i + 1}")[-(args.max_len - args.max_new_tokens):]
+               for i, p in prompts}
     order = sorted(encoded, key=lambda i: len(encoded[i]))
     batches = [order[s:s + args.batch_size] for s in range(0, len(order), args.batch_size)]
     if order:   # warm up (kernels, allocator, thread pools) so the first batch's speed is not an outlier
@@ -593,9 +589,9 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much probability")
-    p.add_argument("--chat-template", default="auto", choices=("auto", "chatml", "mistral", "plain"),
-                   help="how chat prompts are rendered; auto recognises the model's own template "
-                        "(ChatML or [INST]), else plain text")
+    p.add_argument("--chat-template", default="auto", choices=("auto", *CHAT_TEMPLATES, "plain"),
+                   help="how chat prompts are rendered (model.py's templates); auto: the model's own template "
+                        "when it is ChatML or [INST], else plain (turns joined by blank lines, for base models)")
     p.add_argument("--script", default="Cyrillic", help="target script of language purity: a Unicode script "
                                                         "name (Cyrillic, Latin, Greek, Arabic...)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

@@ -284,27 +284,34 @@ def test_language_purity_on_hand_written_strings():
     assert language_purity("и\u0306од and") == 0.5     # NFD "й" is one letter after NFC: [йод, and], not [и, од, and]
 
 
-def test_chat_rendering():
-    class Tok:
-        eos_id = 2
-        def id_to_piece(self, i):
-            return "</s>"
-    msgs = [{"role": "system", "content": "Будь краток."}, {"role": "user", "content": "Привет"},
-            {"role": "assistant", "content": "Здравствуй"}, {"role": "user", "content": "Как дела?"}]
-    assert evaluate.render_chat(msgs, "chatml", Tok()) == (
-        "<|im_start|>system\nБудь краток.<|im_end|>\n<|im_start|>user\nПривет<|im_end|>\n"
-        "<|im_start|>assistant\nЗдравствуй<|im_end|>\n<|im_start|>user\nКак дела?<|im_end|>\n<|im_start|>assistant\n")
-    assert evaluate.render_chat(msgs, "mistral", Tok()) == (
-        "[INST] Будь краток.\n\nПривет [/INST] Здравствуй</s>[INST] Как дела? [/INST]")
-
-
 def test_chat_template_is_recognised(tmp_path):
+    from model import CHAT_TEMPLATES
     assert evaluate.detect_chat_template(str(tmp_path)) == "plain"
+    for name, jinja in CHAT_TEMPLATES.items():       # the templates sft.py writes
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": jinja}))
+        assert evaluate.detect_chat_template(str(tmp_path)) == name
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}"}))
     assert evaluate.detect_chat_template(str(tmp_path)) == "chatml"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '[INST] ' + m.content }}"}))
     assert evaluate.detect_chat_template(str(tmp_path)) == "mistral"
+
+
+def test_prompt_rendering(llama):
+    _, _, tok = llama
+    msgs = [{"role": "system", "content": "Будь краток."}, {"role": "user", "content": "Привет"},
+            {"role": "assistant", "content": "Здравствуй"}, {"role": "user", "content": "Как дела?"}]
+    encode = lambda p, t: evaluate.encode_prompt(p, t, tok, "p.jsonl: prompt 1")  # noqa: E731
+    assert encode({"text": "Привет"}, "chatml") == [tok.bos_id] + tok.encode("Привет")
+    assert encode({"messages": msgs}, "plain") == tok.encode("Будь краток.\n\nПривет\n\nЗдравствуй\n\nКак дела?\n\n",
+                                                             add_bos=True)
+    assert encode({"messages": msgs}, "chatml") == tok.encode(
+        "<s><|im_start|>system\nБудь краток.<|im_end|>\n<|im_start|>user\nПривет<|im_end|>\n"
+        "<|im_start|>assistant\nЗдравствуй<|im_end|>\n<|im_start|>user\nКак дела?<|im_end|>\n<|im_start|>assistant\n")
+    assert encode({"messages": msgs}, "mistral") == tok.encode(
+        "<s> [INST] Будь краток.\n\nПривет [/INST] Здравствуй</s> [INST] Как дела? [/INST]")
+    with pytest.raises(InputError, match="p.jsonl: prompt 1: .*alternate"):
+        encode({"messages": [msgs[1], msgs[1]]}, "mistral")
 
 
 def test_generation_equals_transformers_greedy(tmp_path, llama):
@@ -319,12 +326,13 @@ def test_generation_equals_transformers_greedy(tmp_path, llama):
                                "--chat-template", "chatml"))
     g = report["models"]["llama"]["generation"]
     assert g["n"] == 3 and g["chat_template"] == "chatml"
-    texts = [RU[:30], "<|im_start|>user\nКто такой Гуров?<|im_end|>\n<|im_start|>assistant\n",
-             "<|im_start|>user\nTell me about Alice\n\nbriefly<|im_end|>\n<|im_start|>assistant\n"]
+    prompt_ids = [[tok.bos_id] + tok.encode(RU[:30]),
+                  tok.encode("<s><|im_start|>user\nКто такой Гуров?<|im_end|>\n<|im_start|>assistant\n"),
+                  tok.encode("<s><|im_start|>user\nTell me about Alice\n\nbriefly<|im_end|>\n<|im_start|>assistant\n")]
     assert g["completions"][1]["prompt"]["reference"] == "Герой."
     new_tokens = 0
-    for text, c in zip(texts, g["completions"]):
-        ids = torch.tensor([[tok.bos_id] + tok.encode(text)])
+    for ids, c in zip(prompt_ids, g["completions"]):
+        ids = torch.tensor([ids])
         with torch.no_grad():
             out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_id,
                               pad_token_id=0)[0, ids.shape[1]:].tolist()
