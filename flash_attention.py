@@ -49,15 +49,19 @@ def _interpreting():
 # --------------------------------------------------------------------------------------------------
 # Block sizes. Fixed per (head dim, dtype), not autotuned: a different block size sums in a different
 # order, and we promise bitwise-identical results from run to run and process to process.
-# The GPU numbers were chosen with `python bench/attention.py --sweep` on an H100 (bf16).
-# Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M counts queries, BLOCK_N keys: the
+# forward and dQ programs own BLOCK_M queries and step through keys BLOCK_N at a time; the dK/dV
+# program owns BLOCK_N keys and steps through queries BLOCK_M at a time (it holds K, V, dK and dV,
+# hence its small query steps at d128). Chosen so that no variant spills registers or overflows
+# shared memory on sm_90 (`python bench/compile_check.py`); not yet timed on a GPU: retune with
+# `python bench/attention.py --sweep` on an H100.
 
 _GPU_CONFIGS = {
     # head dim: {kernel: config}, for 2-byte dtypes (fp16, bf16)
     16: dict(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 3), dq=(64, 64, 4, 3)),
     32: dict(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 3), dq=(64, 64, 4, 3)),
-    64: dict(fwd=(128, 64, 4, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
-    128: dict(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
+    64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3)),
+    128: dict(fwd=(128, 64, 8, 3), dkdv=(16, 128, 8, 2), dq=(128, 32, 8, 2)),
 }
 # fp32 tiles take twice the shared memory; fp32 on a GPU is for checking, not for speed
 _GPU_FP32_CONFIG = dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
