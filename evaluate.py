@@ -230,9 +230,8 @@ def sum_log_probs(model, requests, batch_size, desc="scoring", chunk=1024):
             log_p[s:s + chunk] = logits.log_softmax(-1).gather(-1, targets[s:s + chunk, None]).squeeze(-1).double()
         rows = scored.nonzero()[:, 0]                                # (N,) batch row of each scored position
         sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, log_p)
-        counts = scored.sum(1)
-        for row, i in enumerate(batch):
-            results[i] = (sums[row].item(), counts[row].item())
+        for i, total, count in zip(batch, sums.tolist(), scored.sum(1).tolist()):
+            results[i] = (total, count)
     return results
 
 
@@ -296,7 +295,10 @@ def choice_request(context, continuation, tok, start, max_len, where):
 
 
 def mc_requests(questions, tok, start, max_len, answer_cue, where):
-    """Two groups of requests per question: each choice after the question, each letter after the list."""
+    """Two groups of requests per question: each choice after the question, each letter after the list.
+    The letters share one prompt, so one forward would do for them; scoring them as sequences of their
+    own costs a few more forwards but keeps one scoring path, and stays right when a letter is more
+    than one token (a tokenizer without "▁A")."""
     requests = []
     for k, q in enumerate(questions):
         ctx = loglik_prompt(q["question"], answer_cue)
@@ -399,16 +401,13 @@ def language_purity(text, script="CYRILLIC"):
 
 
 @torch.inference_mode()
-def generate_all(model, tok, prompts, template, args):
-    """Completions of prompts (this rank's share), in batches of similar length.
+def generate_all(model, tok, encoded, template, args):
+    """Completions of encoded prompts {index: ids} (this rank's share), in batches of similar length.
     Returns [(index, completion, new tokens)] and the seconds spent generating."""
     device = model.model.embed_tokens.weight.device
     stops = stop_ids(tok, model, template)
     specials = set(tok.special_tokens.values())
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    # a prompt too long for max_len keeps its end: the question and the assistant's cue
-    encoded = {i: encode_prompt(p, template, tok, f"{args.prompts}: prompt {i + 1}")[-(args.max_len - args.max_new_tokens):]
-               for i, p in prompts}
     order = sorted(encoded, key=lambda i: len(encoded[i]))
     batches = [order[s:s + args.batch_size] for s in range(0, len(order), args.batch_size)]
     if order:   # warm up (kernels, allocator, thread pools) so the first batch's speed is not an outlier
@@ -492,8 +491,12 @@ def evaluate_model(path, texts, benchmarks, prompts, args, device, dtype):
 
     if prompts:
         template = detect_chat_template(path) if args.chat_template == "auto" else args.chat_template
+        # every rank encodes every prompt, so a bad one stops all ranks alike (none waits in a gather);
+        # a prompt too long for max_len keeps its end: the question and the assistant's cue
+        encoded = [encode_prompt(p, template, tok, f"{args.prompts}: prompt {i + 1}")[-(args.max_len - args.max_new_tokens):]
+                   for i, p in enumerate(prompts)]
         rank, size = world()
-        mine = [(i, p) for i, p in enumerate(prompts) if i % size == rank]
+        mine = {i: ids for i, ids in enumerate(encoded) if i % size == rank}
         gathered = gather_to_rank0(generate_all(model, tok, mine, template, args))
         if gathered is not None:
             completions = sorted(r for part, _ in gathered for r in part)
