@@ -246,11 +246,13 @@ def all_reduce_sum(values, device):
 
 @torch.no_grad()
 def held_out_loss(model, rows, examples, args, pad_id, device, rank, world):
-    """Mean cross-entropy per supervised held-out token, over all ranks."""
+    """Mean cross-entropy per supervised held-out token, over all ranks. Every rank runs the same number
+    of forwards (a rank past the end gets a row of padding): DDP and FSDP forwards are collectives."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(rank * args.batch_size, len(rows), args.batch_size * world):
+    per_round = args.batch_size * world
+    for start in range(rank * args.batch_size, math.ceil(len(rows) / per_round) * per_round, per_round):
         ids, labels, doc_ids = (t.to(device) for t in make_batch(rows[start:start + args.batch_size], examples,
                                                                   args.seq_len, pad_id))
         with autocast(device):

@@ -1,0 +1,328 @@
+"""sft.py and model.py's LoRA and chat-template sections: the loss mask by hand, rendering against
+transformers' apply_chat_template, LoRA (identity at step 0, merge, gradients, HF loading), packing,
+bad input, and an end-to-end run with a resume after a simulated kill."""
+import io
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+import model as M
+import sft
+from model import Transformer
+from tiny_models import make_hf_model
+
+os.environ.setdefault("NANOADAPT_ATTENTION", "sdpa")
+
+TEXTS = ["Привет, как дела? Hello world, this is a test.", "Кошка сидит на окне и смотрит на улицу.",
+         "The quick brown fox jumps over the lazy dog.", "Ответ: да, конечно. Собака, дом, окно."]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Привет!"}, {"role": "assistant", "content": "Hello world."}],
+    [{"role": "system", "content": "Ты помощник."}, {"role": "user", "content": "Кошка?"},
+     {"role": "assistant", "content": "Да, кошка сидит на окне."}, {"role": "user", "content": "А собака?\n"},
+     {"role": "assistant", "content": " дом\n\nокно "}],
+    [{"role": "user", "content": "  leading spaces"}, {"role": "assistant", "content": "\nnew line first"},
+     {"role": "user", "content": "The quick brown fox"}, {"role": "assistant", "content": "jumps."}],
+]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def write_sp_tokenizer(path, chat_tokens=False):
+    """A tiny SentencePiece BPE (train_tokenizer.py's settings), as HF tokenizer files in `path`."""
+    import sentencepiece as spm
+    from tokenizer import write_hf_tokenizer_files
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 50), model_writer=buf, model_type="bpe", vocab_size=400,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"] if chat_tokens else [], minloglevel=2)
+    write_hf_tokenizer_files(buf.getvalue(), path)
+
+
+def make_base(path, family="qwen2", chat_tokens=False):
+    """A tiny random model (transformers) with the tiny tokenizer, as one HF directory."""
+    write_sp_tokenizer(path, chat_tokens)
+    make_hf_model(family, path, vocab_size=400)
+    write_sp_tokenizer(path, chat_tokens)      # save_pretrained of transformers may rewrite tokenizer files
+    return str(path)
+
+
+def hf_ids(tok_dir, messages, **kw):
+    from transformers import AutoTokenizer
+    out = AutoTokenizer.from_pretrained(tok_dir).apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if not isinstance(out, list) else out)
+
+
+# ------------------------------------------------------------------------------------------------
+# chat templates and the loss mask
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat_tokenizers(tmp_path_factory):
+    """{template: (tokenizer, dir, added)} from a base tokenizer that has no ChatML tokens."""
+    root = tmp_path_factory.mktemp("tok")
+    write_sp_tokenizer(root / "base")
+    return {t: (*sft.write_chat_tokenizer(str(root / "base"), t, str(root / t)), str(root / t))
+            for t in M.CHAT_TEMPLATES}
+
+
+def test_loss_mask_two_turns_by_hand(chat_tokenizers):
+    """Expected ids and mask assembled piece by piece with encode_continuation (no dummy prefix:
+    every piece here follows other text), independently of render_chat's prefix encoding."""
+    messages = [{"role": "user", "content": "Привет!"}, {"role": "assistant", "content": "Hello world."},
+                {"role": "user", "content": "Кошка?"}, {"role": "assistant", "content": "Да, кошка."}]
+    tok, _, _ = chat_tokenizers["chatml"]
+    S, E = tok.special_tokens["<|im_start|>"], tok.special_tokens["<|im_end|>"]
+    c = tok.encode_continuation
+    expected = [(tok.bos_id, 0), (S, 0)] + [(i, 0) for i in c("user\nПривет!")] + [(E, 0)] + \
+        [(i, 0) for i in c("\n")] + [(S, 0)] + [(i, 0) for i in c("assistant\n")] + \
+        [(i, 1) for i in c("Hello world.")] + [(E, 1)] + [(i, 0) for i in c("\n")] + \
+        [(S, 0)] + [(i, 0) for i in c("user\nКошка?")] + [(E, 0)] + [(i, 0) for i in c("\n")] + \
+        [(S, 0)] + [(i, 0) for i in c("assistant\n")] + [(i, 1) for i in c("Да, кошка.")] + [(E, 1)] + \
+        [(i, 0) for i in c("\n")]
+    ids, mask = M.render_chat(messages, "chatml", tok)
+    assert list(zip(ids, map(int, mask))) == expected
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello world.<|im_end|>Да, кошка.<|im_end|>"
+
+    tok, _, _ = chat_tokenizers["mistral"]
+    B, E = tok.bos_id, tok.eos_id
+    expected = [(B, 0)] + [(i, 0) for i in c(" [INST] Привет! [/INST]")] + [(i, 1) for i in c(" Hello world.")] + \
+        [(E, 1)] + [(i, 0) for i in c(" [INST] Кошка? [/INST]")] + [(i, 1) for i in c(" Да, кошка.")] + [(E, 1)]
+    ids, mask = M.render_chat(messages, "mistral", tok)
+    assert list(zip(ids, map(int, mask))) == expected
+
+
+@pytest.mark.parametrize("template", list(M.CHAT_TEMPLATES))
+def test_rendering_equals_apply_chat_template(chat_tokenizers, template):
+    tok, added, tok_dir = chat_tokenizers[template]
+    assert added == M.CHAT_SPECIAL_TOKENS[template]          # the base tokenizer had none of them
+    for messages in CONVERSATIONS:
+        ids, mask = M.render_chat(messages, template, tok)
+        assert ids == hf_ids(tok_dir, messages), messages
+        assert len(mask) == len(ids) and any(mask)
+        prompt = messages[:-1]
+        assert M.chat_prompt(prompt, template, tok) == hf_ids(tok_dir, prompt, add_generation_prompt=True)
+
+
+def test_mistral_template_rejects_non_alternating_roles(chat_tokenizers):
+    tok = chat_tokenizers["mistral"][0]
+    with pytest.raises(ValueError, match="alternate"):
+        M.render_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                       {"role": "assistant", "content": "c"}], "mistral", tok)
+
+
+def test_added_token_rows_are_the_mean(tmp_path):
+    base = make_base(tmp_path / "base", family="llama")            # untied head
+    model = Transformer.from_pretrained(base)
+    embed, head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
+    sft.add_token_rows(model, 402, [400, 401], 400)
+    assert model.model.embed_tokens.weight.shape == (402, 64) and model.config.vocab_size == 402
+    assert torch.equal(model.model.embed_tokens.weight[:400], embed)
+    assert torch.allclose(model.model.embed_tokens.weight[400:], embed.mean(0).expand(2, -1))
+    assert torch.allclose(model.lm_head.weight[401], head.mean(0))
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA
+# ------------------------------------------------------------------------------------------------
+def test_lora(tmp_path):
+    import transformers
+    from safetensors.torch import load_file
+    base = make_base(tmp_path / "base", family="qwen2")
+    ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = Transformer.from_pretrained(base)
+    base_keys = set(model.state_dict())
+    with torch.no_grad():
+        ref = model(ids)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    wrapped = M.add_lora(model, targets, rank=4, alpha=8)
+    assert len(wrapped) == 3 * 2
+    with torch.no_grad():
+        assert torch.equal(model(ids), ref)                  # B = 0: exactly the base model at step 0
+
+    # a few steps: only the adapter gets gradients
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(3):
+        model(ids).logsumexp(-1).mean().backward()
+        for name, p in model.named_parameters():
+            assert (p.grad is not None) == (".lora_" in name), name
+        opt.step()
+        opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    with torch.no_grad():
+        out = model(ids)
+    assert rel_err(out, ref) > 1e-3                           # the adapter did change the model
+
+    # merged: the base keys only, same logits in our model and in transformers
+    merged = M.merged_state_dict(model)
+    assert set(merged) == base_keys
+    model.save_pretrained(tmp_path / "merged", state_dict=merged)
+    with torch.no_grad():
+        assert rel_err(Transformer.from_pretrained(tmp_path / "merged")(ids), out) < 1e-5
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        assert rel_err(hf(ids).logits, out) < 1e-5
+
+    # the adapter on its own: PEFT names and config; loads back into a freshly wrapped base
+    M.save_lora_adapter(model, tmp_path / "adapter", base_model=base)
+    cfg = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"], cfg["peft_type"]) == (4, 8, sorted(targets), "LORA")
+    state = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in state and len(state) == 12
+    fresh = Transformer.from_pretrained(base)
+    M.add_lora(fresh, targets, rank=4, alpha=8)
+    M.load_lora_state_dict(fresh, state)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), out)
+
+    with pytest.raises(ValueError, match="match no linear layer"):
+        M.add_lora(Transformer.from_pretrained(base), ["qproj"], rank=4, alpha=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# packing and data
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])       # mistral: sliding window 8 < conversation
+def test_packed_conversations_have_the_same_per_token_loss(chat_tokenizers, tmp_path, family):
+    tok = chat_tokenizers["chatml"][0]
+    make_hf_model(family, tmp_path / "m", vocab_size=tok.vocab_size)
+    model = Transformer.from_pretrained(tmp_path / "m")
+    examples = [M.render_chat(m, "chatml", tok) for m in CONVERSATIONS]
+    T = sum(len(ids) for ids, _ in examples) + 5                     # room for padding at the end
+    with torch.no_grad():
+        packed = sft.token_losses(model, *sft.make_batch([[0, 1, 2]], examples, T, pad_id=0))[0]
+        start = 0
+        for i, (ids, mask) in enumerate(examples):
+            batch = sft.make_batch([[i]], examples, len(ids), pad_id=0)
+            alone = sft.token_losses(model, *batch)[0]
+            assert int((batch[1] != sft.IGNORE).sum()) == sum(mask[1:]) == sum(mask)   # first token never supervised
+            assert torch.allclose(packed[start:start + len(ids)], alone, rtol=1e-5, atol=1e-6)
+            start += len(ids)
+        assert (packed[start:] == 0).all()
+
+
+def test_pack_and_overlong_policy(chat_tokenizers):
+    assert sft.pack([5, 3, 4, 8, 1], seq_len=8, order=[0, 1, 2, 3, 4]) == [[0, 1], [2], [3], [4]]
+    tok = chat_tokenizers["chatml"][0]
+    lengths = [len(M.render_chat(m, "chatml", tok)[0]) for m in CONVERSATIONS]
+    seq_len = sorted(lengths)[1]                                     # the longest one does not fit
+    kept, counts = sft.render_all(CONVERSATIONS, "chatml", tok, seq_len, "drop")
+    assert counts == {"kept": 2, "truncated": 0, "dropped": 1} and len(kept) == 2
+    kept, counts = sft.render_all(CONVERSATIONS, "chatml", tok, seq_len, "truncate")
+    assert counts == {"kept": 2, "truncated": 1, "dropped": 0} and max(len(ids) for ids, _ in kept) == seq_len
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}]\n', "bad.jsonl:2: not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "bad.jsonl:2: no assistant turn"),
+    ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "bad.jsonl:2: message 0 has unknown role 'bot'"),
+    ('{"prompt": "hi", "completion": "x"}\n', "bad.jsonl:2: expected"),
+])
+def test_bad_input_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "input": "", "output": "b"}\n' + content)
+    with pytest.raises(ValueError, match=message):
+        M.read_conversations(str(path))
+
+
+def test_empty_file_and_alpaca_records(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: no conversations"):
+        M.read_conversations(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "Переведи", "input": "cat", "output": "кошка"}) + "\n")
+    assert M.read_conversations(str(tmp_path / "a.jsonl")) == [
+        [{"role": "user", "content": "Переведи\n\ncat"}, {"role": "assistant", "content": "кошка"}]]
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: sft.py runs, its output chats in transformers, and a resumed run repeats the losses
+# ------------------------------------------------------------------------------------------------
+def write_chat_data(path, n=40, seed=0):
+    rng, words = random.Random(seed), ["кошка", "собака", "дом", "окно", "cat", "dog"]
+    with open(path, "w") as f:
+        for i in range(n):
+            w, k = rng.choice(words), rng.randint(1, 4)
+            record = ({"messages": [{"role": "user", "content": f"Повтори {w} {k} раз"},
+                                    {"role": "assistant", "content": " ".join([w] * k)}]} if i % 2 else
+                      {"instruction": f"Повтори {w}", "input": str(k), "output": " ".join([w] * k)})
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def run_sft(base, data, out, *extra):
+    sft.main(["--model", base, "--data", data, "--out", str(out), "--seq-len", "64", "--batch-size", "2",
+              "--grad-accum", "2", "--lr", "3e-3", "--epochs", "1", "--max-steps", "4", "--save-every", "2",
+              "--eval-every", "2", "--samples", "1", "--sample-tokens", "4", "--seed", "1", *extra])
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_sft_end_to_end_and_resume(tmp_path, mode):
+    import transformers
+    base = make_base(tmp_path / "base", family="llama")      # a tokenizer without ChatML tokens
+    data = write_chat_data(tmp_path / "chat.jsonl")
+    extra = ["--chat-template", "chatml"] + (["--lora-rank", "4", "--lora-alpha", "16", "--lora-dropout", "0.1"]
+                                             if mode == "lora" else [])
+    out = tmp_path / "run"
+    metrics = run_sft(base, data, out, *extra)
+    losses = {r["step"]: r["loss"] for r in metrics if "loss" in r}
+    assert sorted(losses) == [1, 2, 3, 4]
+    val = [r["val_loss"] for r in metrics if "val_loss" in r]
+    assert val[-1] < val[0]                                       # held-out loss went down
+
+    # the output: tokens added, template in tokenizer_config.json, same ids and logits in transformers
+    tok = M.load_tokenizer(out)
+    assert tok.special_tokens["<|im_start|>"] == 400 and tok.special_tokens["<|im_end|>"] == 401
+    messages = [{"role": "user", "content": "Повтори дом 2 раз"}, {"role": "assistant", "content": "дом дом"}]
+    ids = M.render_chat(messages, "chatml", tok)[0]
+    assert hf_ids(str(out), messages) == ids
+    ours = Transformer.from_pretrained(out)
+    assert set(ours.state_dict()) == set(Transformer.from_pretrained(base).state_dict())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert rel_err(hf(torch.tensor([ids])).logits, ours(torch.tensor([ids]))) < 1e-5
+    assert json.load(open(out / "generation_config.json"))["eos_token_id"] == [401, 2]
+    assert os.path.isfile(out / "adapter" / "adapter_model.safetensors") == (mode == "lora")
+
+    # a kill after step 3: the step-4 work and the final model are lost, a half-written checkpoint remains
+    shutil.rmtree(out / "checkpoints" / "step_000004", ignore_errors=True)
+    os.makedirs(out / "checkpoints" / ".step_000004.tmp-dead")
+    with pytest.raises(SystemExit, match="--resume"):
+        run_sft(base, data, out, *extra)
+    resumed = run_sft(base, data, out, *extra, "--resume")
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]          # no duplicated records
+    for r in resumed:
+        if "loss" in r and r["step"] > 2:
+            assert r["loss"] == pytest.approx(losses[r["step"]], rel=1e-5), r["step"]
+
+
+def test_loss_is_normalised_over_the_global_batch(tmp_path):
+    """The same rows per optimizer step, split into micro-batches differently (and over two ranks):
+    the same losses, which holds only when every supervised token of the step weighs the same."""
+    import subprocess
+    import sys
+    base = make_base(tmp_path / "base", family="qwen2", chat_tokens=True)
+    data = write_chat_data(tmp_path / "chat.jsonl")
+
+    def losses(metrics):
+        return [r["loss"] for r in metrics if "loss" in r]
+    one_micro = losses(run_sft(base, data, tmp_path / "a", "--batch-size", "4", "--grad-accum", "1"))
+    four_micro = losses(run_sft(base, data, tmp_path / "b", "--batch-size", "1", "--grad-accum", "4"))
+    assert four_micro == pytest.approx(one_micro, rel=1e-5)
+
+    # torchrun, two ranks on CPU (gloo): 2 rows per rank and micro-step, 1 micro-step
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "sft.py", "--model", base, "--data", data, "--out", str(tmp_path / "ddp"), "--seq-len", "64",
+           "--batch-size", "2", "--grad-accum", "1", "--lr", "3e-3", "--epochs", "1", "--max-steps", "4",
+           "--save-every", "2", "--eval-every", "2", "--samples", "0", "--seed", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   capture_output=True, timeout=300)
+    ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert losses(ddp) == pytest.approx(one_micro, rel=1e-5)
