@@ -29,6 +29,16 @@ def sentences(words, n, rng):
                     for _ in range(n))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine spinning
+    OpenMP threads make every step many times slower (subprocesses get OMP_NUM_THREADS=1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """en.txt: documents separated by blank lines; ru.txt: one long document (no blank line), as
@@ -323,11 +333,7 @@ def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
     data = ["--data", f"{corpus / 'ru.txt'}:1", f"{corpus / 'en.txt'}:1", "--eval-data", str(corpus / "docs.jsonl")]
     common = ["--model", str(base), *data, "--batch-size", "1", "--max-steps", "4", "--eval-every", "2",
               "--save-every", "0"]
-    torch.set_num_threads(1)
-    try:
-        pretrain.main([*common, "--grad-accum", "4", *common_args(tmp_path / "one", tmp_path / "cache")])
-    finally:
-        torch.set_num_threads(os.cpu_count())
+    pretrain.main([*common, "--grad-accum", "4", *common_args(tmp_path / "one", tmp_path / "cache")])
     one = metrics(tmp_path / "one")
     assert {"val_bpb/ru", "val_bpb/en", "val_bpb/docs"} <= set(one[0])
     w1 = Transformer.from_pretrained(str(tmp_path / "one")).state_dict()
@@ -355,20 +361,16 @@ def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path, caps
               "--batch-size", "2", "--grad-accum", "2", "--max-steps", "7", "--eval-every", "3",
               "--save-every", "2"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    torch.set_num_threads(1)
-    try:
-        pretrain.main([*common, *common_args(full, tmp_path / "cache")])
-        killed = run_subprocess([*common, *common_args(cut, tmp_path / "cache")], {"NANOADAPT_KILL_AT_STEP": "6"})
-        assert killed.returncode == -9, killed.stderr[-3000:]
-        assert not (cut / "config.json").exists()                    # no final model from a killed run
-        assert max(train_steps(cut)) == 5                            # it logged past its last checkpoint
-        with pytest.raises(ValueError, match="pass --resume"):
-            pretrain.main([*common, *common_args(cut, tmp_path / "cache")])
-        capsys.readouterr()
-        pretrain.main([*common, *common_args(cut, tmp_path / "cache"), "--resume"])
-        assert f"resumed from {cut / 'checkpoints' / 'step_000004'} at step 4" in capsys.readouterr().out
-    finally:
-        torch.set_num_threads(os.cpu_count())
+    pretrain.main([*common, *common_args(full, tmp_path / "cache")])
+    killed = run_subprocess([*common, *common_args(cut, tmp_path / "cache")], {"NANOADAPT_KILL_AT_STEP": "6"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (cut / "config.json").exists()                        # no final model from a killed run
+    assert max(train_steps(cut)) == 5                                # it logged past its last checkpoint
+    with pytest.raises(ValueError, match="pass --resume"):
+        pretrain.main([*common, *common_args(cut, tmp_path / "cache")])
+    capsys.readouterr()
+    pretrain.main([*common, *common_args(cut, tmp_path / "cache"), "--resume"])
+    assert f"resumed from {cut / 'checkpoints' / 'step_000004'} at step 4" in capsys.readouterr().out
     a, b = metrics(full), metrics(cut)
     assert [m["step"] for m in a] == [m["step"] for m in b]          # the interrupted run's step 5 was dropped
     for x, y in zip(a, b):
