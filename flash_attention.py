@@ -32,6 +32,7 @@ On CPU it runs under the Triton interpreter (TRITON_INTERPRET=1 set before trito
 slow, for tests only, fp16/fp32 (numpy has no bfloat16).
 """
 
+import contextlib
 import os
 
 import torch
@@ -63,17 +64,15 @@ _GPU_CONFIGS = {
     64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3)),
     128: dict(fwd=(128, 64, 8, 3), dkdv=(16, 128, 8, 2), dq=(128, 32, 8, 2)),
 }
-# fp32 tiles take twice the shared memory; fp32 on a GPU is for checking, not for speed
-_GPU_FP32_CONFIG = dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
-# Under the interpreter every op is a numpy call, so only the number of blocks matters; BLOCK_M !=
-# BLOCK_N on purpose, so the tests exercise the block-boundary arithmetic in its general form.
-_INTERPRETER_CONFIG = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
+# Small tiles for fp32 on a GPU (IEEE fp32 products run on the CUDA cores and need many registers;
+# fp32 on a GPU is for checking, not for speed) and for the interpreter (where every op is a numpy
+# call, so only the number of blocks matters). BLOCK_M != BLOCK_N on purpose, so the tests exercise
+# the block-boundary arithmetic in its general form.
+_SMALL_CONFIG = dict(fwd=(32, 16, 4, 2), dkdv=(16, 32, 4, 2), dq=(32, 16, 4, 2))
 
 
 def _config(head_dim, dtype):
-    if _interpreting():
-        return _INTERPRETER_CONFIG
-    return _GPU_FP32_CONFIG if dtype == torch.float32 else _GPU_CONFIGS[head_dim]
+    return _SMALL_CONFIG if _interpreting() or dtype == torch.float32 else _GPU_CONFIGS[head_dim]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,7 +487,7 @@ class _FlashAttention(torch.autograd.Function):
             *dq.stride()[:3], doc_start.stride(0),
             H, T, H // HKV, ctx.window, qk_scale, ctx.scale,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None  # (autograd runs this with q's device current)
 
 
 def supports(q, k, v):
@@ -496,8 +495,10 @@ def supports(q, k, v):
     if not (q.dim() == k.dim() == v.dim() == 4) or k.shape != v.shape:
         return False
     B, H, T, D = q.shape
-    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or H % k.shape[1] != 0:
+    if T == 0 or k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or H % k.shape[1] != 0:
         return False  # no KV cache (queries and keys must cover the same positions)
+    if T * max(x.stride(2) for x in (q, k, v)) >= 2**31:
+        return False  # row offsets are int32 inside the kernels
     if D not in HEAD_DIMS or not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         return False
     if q.device.type == "cuda":
@@ -530,4 +531,5 @@ def flash_attention(q, k, v, doc_start=None, window=None, scale=None):
     if window is not None and int(window) < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     scale = D ** -0.5 if scale is None else float(scale)
-    return _FlashAttention.apply(q, k, v, doc_start, window, scale)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU
+        return _FlashAttention.apply(q, k, v, doc_start, window, scale)

@@ -185,7 +185,7 @@ def test_random_documents():
 
 
 def test_other_block_shapes(monkeypatch):
-    # The same sweeps with BLOCK_M < BLOCK_N where the interpreter's default has BLOCK_M > BLOCK_N.
+    # The same sweeps with BLOCK_M < BLOCK_N where the default small tiles have BLOCK_M > BLOCK_N.
     blocks = dict(fwd=(16, 32, 4, 1), dkdv=(32, 16, 4, 1), dq=(16, 16, 4, 1))
     monkeypatch.setattr(fa, "_config", lambda head_dim, dtype: blocks)
     q, k, v = make_qkv(1, 2, 1, 40, 16)
