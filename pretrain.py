@@ -75,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenize-only", action="store_true",
                    help="fill the token cache and exit (e.g. once before a multi-node torchrun)")
     # KL to the reference (Vikhr Eq. 1)
-    p.add_argument("--kl-weight", type=float, default=1.0, help="β in CE + β·KL; 0 turns the term off (default %(default)s)")
+    p.add_argument("--kl-weight", type=float, default=1.0,
+                   help="β in CE + β·KL; 0 turns the term off (default %(default)s)")
     p.add_argument("--kl-ref", metavar="DIR",
                    help="frozen reference model (default: the starting --model), held in the compute dtype")
     p.add_argument("--kl-direction", default="reverse", choices=["reverse", "forward"],
@@ -115,12 +116,14 @@ def parse_args(argv=None):
                    help="run directory: final model (HF format), checkpoints/, metrics.jsonl, args.json")
     p.add_argument("--log-every", type=int, default=1, help="optimiser steps between log lines (default %(default)s)")
     p.add_argument("--eval-every", type=int, default=100,
-                   help="optimiser steps between held-out evaluations; 0 = at the start and end only (default %(default)s)")
+                   help="optimiser steps between held-out evaluations; 0 = at the start and end only "
+                        "(default %(default)s)")
     p.add_argument("--save-every", type=int, default=500,
                    help="optimiser steps between checkpoints; 0 = none (default %(default)s)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default %(default)s)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out: weights, optimiser, schedule, data position, RNG")
+                   help="continue from the newest checkpoint in --out: weights, optimiser, schedule, "
+                        "data position, RNG")
     args = p.parse_args(argv)
 
     if (args.model is None) == (args.init_config is None):
@@ -689,12 +692,17 @@ def main(argv=None):
     # -- data, before the process group exists: a long tokenization must not hit its timeout --------
     tok = load_tokenizer(args.tokenizer)
     if tok.eos_id is None:
-        raise ValueError(f"{args.tokenizer}: the tokenizer has no EOS token (documents are packed with EOS between them)")
+        raise ValueError(f"{args.tokenizer}: the tokenizer has no EOS token "
+                         "(documents are packed with EOS between them)")
     train_sources = load_sources(args.data, tok, args, writer=env_local_rank == 0)
     eval_only = load_sources(args.eval_data, tok, args, writer=env_local_rank == 0, with_weights=False)
     if args.tokenize_only:
         log(f"token caches ready in {args.cache_dir}")
         return
+    ckpt = latest_checkpoint(args.out)
+    if ckpt and not args.resume:
+        raise ValueError(f"{args.out} already holds checkpoints ({ckpt}): pass --resume to continue, "
+                         "or choose another --out")
 
     rank, local_rank, world, device = init_distributed()
     import torch.distributed as dist
@@ -717,10 +725,6 @@ def main(argv=None):
     ref, shared = build_reference(args, raw, tok, device, compute_dtype) if args.kl_weight > 0 else (None, None)
 
     start_step, state = 0, None
-    ckpt = latest_checkpoint(args.out)
-    if ckpt and not args.resume:
-        raise ValueError(f"{args.out} already holds checkpoints ({ckpt}): pass --resume to continue, "
-                         "or choose another --out")
     if ckpt:
         del raw                   # the reference has taken what it needs from the starting model
         raw = Transformer.from_pretrained(ckpt, device=device, dtype=param_dtype)
@@ -866,7 +870,8 @@ def main(argv=None):
             record({"step": step, "loss": loss, "ce": ce_mean, "kl": kl_mean, "lr": lr,
                     "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "mfu": mfu})
             log(f"step {step}/{max_steps} | loss {loss:.4f} | ce {ce_mean:.4f} | kl {kl_mean:.4f} | lr {lr:.2e} | "
-                f"grad norm {grad_norm.item():.3f} | {tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
+                f"grad norm {grad_norm.item():.3f} | {tok_s:,.0f} tok/s"
+                + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
             train_time, tokens_since = 0.0, 0
         if args.eval_every and step % args.eval_every == 0 and step != max_steps:
             evaluate(step)
