@@ -78,7 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--kl-weight", type=float, default=1.0,
                    help="β in CE + β·KL; 0 turns the term off (default %(default)s)")
     p.add_argument("--kl-ref", metavar="DIR",
-                   help="frozen reference model (default: the starting --model), held in the compute dtype")
+                   help="frozen reference model, held in the compute dtype (default: the starting --model); its "
+                        "vocabulary must be the model's, or a prefix of it (the original model before "
+                        "resize_vocab.py extended it: the new ids then count as one bucket in the KL)")
     p.add_argument("--kl-direction", default="reverse", choices=["reverse", "forward"],
                    help="reverse: KL(P_model‖P_ref) as in Eq. 1 (default); forward: KL(P_ref‖P_model)")
     # optimisation (defaults: Vikhr Table 3)
