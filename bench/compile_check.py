@@ -11,7 +11,6 @@ Uses Triton's bundled ptxas and cuobjdump.
 """
 
 import argparse
-import glob
 import os
 import re
 import subprocess
