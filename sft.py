@@ -489,6 +489,8 @@ def main(argv=None):
             with autocast(device):
                 answer = M.generate(raw, [prompt], args.sample_tokens, eos_id=eos_ids,
                                     vocab_limit=tokenizer.vocab_size)[0]
+            if answer and answer[-1] in (eos_ids if isinstance(eos_ids, list) else [eos_ids]):
+                answer = answer[:-1]                                   # the end-of-turn token
             print0(f"\n--- prompt: {messages[first_answer - 1]['content'][:300]}\n--- answer: "
                    f"{tokenizer.decode(answer).strip()}\n--- reference: {messages[first_answer]['content'][:300]}")
     if dist.is_initialized():
