@@ -515,7 +515,7 @@ def _parse_size(size) -> int:
 
 
 def atomic_directory(path):
-    """A temporary directory next to `path`; call `commit(tmp)` to move it into place in one rename."""
+    """A temporary directory next to `path`, and `commit()`, which replaces `path` with it in one rename."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
@@ -537,7 +537,7 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
     Tied weights are stored once (as `model.embed_tokens.weight`), as transformers does.
     state_dict: the full weights when the model itself holds only a shard (FSDP; see full_state_dict)."""
     from safetensors.torch import save_file
-    tmp, commit = atomic_directory(path)
+    tmp, _ = atomic_directory(path)
     try:
         cfg = model.config
         state = dict(state_dict if state_dict is not None else model.state_dict())
@@ -587,10 +587,29 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
         for name, content in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "wb" if isinstance(content, bytes) else "w") as f:
                 f.write(content)
-        commit()
+        install_model_files(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def install_model_files(tmp, path):
+    """Move a completely written model directory `tmp` to `path`. A new `path` is a single rename.
+    An existing one (a run directory with checkpoints/ and metrics.jsonl) keeps everything that is
+    not the model: its config.json goes first, so it stops claiming to hold a model, then its old
+    weights and tokenizer files, then the new files move in with config.json last. Either way a
+    directory with a config.json always has complete weights."""
+    from tokenizer import TOKENIZER_FILES
+    if not os.path.isdir(path):
+        os.rename(tmp, path)
+        return
+    old = [n for n in os.listdir(path) if n == "config.json" or n.endswith(".safetensors")
+           or n == "model.safetensors.index.json" or n in TOKENIZER_FILES]
+    for name in sorted(old, key=lambda n: n != "config.json"):
+        os.remove(os.path.join(path, name))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
 
 
 # ------------------------------------------------------------------------------------------------

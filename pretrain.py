@@ -666,18 +666,6 @@ def rng_state(device):
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)}
 
 
-def save_final(model, out, tokenizer_dir, state_dict):
-    """The final model in HF format in the run directory itself, next to checkpoints/ and
-    metrics.jsonl: written whole into out/.final first (save_pretrained replaces the directory it
-    writes), then its files moved in with config.json last, so a directory with a config.json
-    always has complete weights."""
-    tmp = os.path.join(out, ".final")
-    model.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    os.rmdir(tmp)
-
-
 # what fixes the rows of every step: a resumed run must agree on these with its checkpoint
 RESUME_MUST_MATCH = ("data", "seq_len", "seed", "val_fraction", "global_rows")
 
@@ -884,7 +872,8 @@ def main(argv=None):
         evaluate(max_steps)
     weights = full_state_dict(model)[0]                        # a collective under FSDP
     if rank == 0:
-        save_final(raw, args.out, args.tokenizer, weights)
+        # into the run directory itself, next to checkpoints/ and metrics.jsonl (which stay)
+        raw.save_pretrained(args.out, tokenizer_dir=args.tokenizer, state_dict=weights)
         log(f"saved the final model to {args.out}")
     if world > 1:
         dist.barrier()

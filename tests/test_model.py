@@ -223,3 +223,22 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
     with pytest.raises(TypeError):
         m.save_pretrained(tmp_path / "out", extra_files={"bad.txt": 123})
     assert os.listdir(tmp_path) == ["hf"]
+
+
+def test_save_into_a_run_directory_keeps_other_files(tmp_path):
+    """The final model lands in a run directory next to checkpoints/ and metrics.jsonl: those stay,
+    stale weights and tokenizer files of an earlier save go."""
+    make_hf_model("llama", tmp_path / "hf")
+    m = Transformer.from_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "tokenizer.json").write_text("stale")
+    m.save_pretrained(run, max_shard_size="40KB")                        # sharded first
+    m.save_pretrained(run)                                               # then one file
+    names = set(os.listdir(run))
+    assert {"checkpoints", "metrics.jsonl", "config.json", "model.safetensors"} <= names
+    assert "tokenizer.json" not in names and not any(n.startswith("model-0") for n in names)
+    assert "model.safetensors.index.json" not in names
+    again = Transformer.from_pretrained(run)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in m.state_dict().items())
