@@ -277,19 +277,6 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def save_final(raw, out, state_dict, tokenizer_dir):
-    """The final model into the run directory itself (which also holds checkpoints/ and metrics.jsonl, so
-    it cannot be replaced whole): written to a temporary directory, then moved in file by file with
-    config.json last, after the old one is removed; a directory with config.json is complete."""
-    tmp = os.path.join(out, ".final")
-    raw.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
-    if os.path.exists(os.path.join(out, "config.json")):
-        os.remove(os.path.join(out, "config.json"))
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    os.rmdir(tmp)
-
-
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
@@ -475,7 +462,7 @@ def main(argv=None):
     if lora and rank == 0:
         weights = M.merged_state_dict(raw)
     if rank == 0:
-        save_final(raw, args.out, weights, tok_dir)
+        raw.save_pretrained(args.out, tokenizer_dir=tok_dir, state_dict=weights)   # checkpoints/ etc. stay
         if lora:
             M.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.model))
         print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
