@@ -28,12 +28,11 @@ Public API:
     flash_attention(q, k, v, doc_start=None, window=None, scale=None) -> o
     supports(q, k, v) -> bool     whether this kernel handles these tensors (else use SDPA)
 
-On CPU it runs under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported):
-slow, for tests only, fp16/fp32 (numpy has no bfloat16).
+On CPU it runs under the Triton interpreter: set TRITON_INTERPRET=1 before anything imports triton
+(slow, for tests only; fp16/fp32, numpy has no bfloat16).
 """
 
 import contextlib
-import os
 
 import torch
 import triton
@@ -44,7 +43,11 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    # Whether @triton.jit made interpreted functions instead of compiled kernels. Triton's own
+    # helpers (tl.zeros, ...) are made when triton is first imported: TRITON_INTERPRET=1 set later
+    # leaves them compiled, and the interpreter cannot run; so ask them, not the environment.
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(tl.zeros, InterpretedFunction) and isinstance(_fwd_kernel, InterpretedFunction)
 
 
 # --------------------------------------------------------------------------------------------------
