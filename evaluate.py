@@ -289,7 +289,7 @@ def choice_request(context, continuation, tok, start, max_len, where):
     if len(ids) > max_len:
         cut = len(ids) - max_len
         if cut >= first:
-            raise InputError(f"{where}: the choice {continuation!r} alone is longer than --max-len {max_len} tokens")
+            raise InputError(f"{where}: the choice {continuation!r} alone is longer than --max-len {max_len} tokens; raise --max-len")
         ids, first = ids[cut:], first - cut
     return ids, first
 
