@@ -90,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N optimizer steps (0: only at the end)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N optimizer steps (and at start and end)")
+    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N optimizer steps (and at start and end); 0: start and end only")
     p.add_argument("--log-every", type=int, default=1, help="log line every N optimizer steps")
     p.add_argument("--samples", type=int, default=3, help="sample answers to held-out prompts printed at the end")
     p.add_argument("--sample-tokens", type=int, default=128, help="max new tokens per sample answer")
@@ -445,7 +445,7 @@ def main(argv=None):
                   "supervised_tokens": int(n_sup), "tokens_per_s": n_tokens / dt}
         if peak:
             record["mfu"] = flops_per_token * n_tokens / dt / (peak * world)
-        if val and (done % args.eval_every == 0 or done == total_steps):
+        if val and ((args.eval_every and done % args.eval_every == 0) or done == total_steps):
             record["val_loss"] = held_out_loss(model, val_rows, val, args, pad_id, device, rank, world)
         log(record)
         progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")

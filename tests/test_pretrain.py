@@ -321,8 +321,8 @@ def test_extend_mode_reference(corpus, base, tok_dir, tmp_path):
 
 def run_subprocess(argv, env_extra=None, torchrun=0):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
-                "--master_port", str(29500 + os.getpid() % 1000)] if torchrun else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] \
+        if torchrun else [sys.executable]
     return subprocess.run(launcher + [os.path.join(REPO, "pretrain.py"), *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
