@@ -261,19 +261,11 @@ class TopkStore:
 # ------------------------------------------------------------------------------------------------
 # conversations -> token ids and the positions to store
 # ------------------------------------------------------------------------------------------------
-def choose_template(requested, model_dir, cfg, tok):
-    """sft.py's rule, so that the teacher's conversations read as its SFT run wrote them: the model's own
-    chat_template when it is one of ours, else ChatML when the tokenizer has its tokens or the model is a
-    Qwen, else Mistral's [INST]. Unlike sft.py we cannot add missing tokens (teacher and student must
-    keep one vocabulary), so a template whose tokens the tokenizer lacks is refused."""
-    name = requested
-    if name is None:
-        config_path = os.path.join(model_dir, "tokenizer_config.json")
-        own = json.load(open(config_path)).get("chat_template") if os.path.isfile(config_path) else None
-        name = next((n for n, jinja in nano.CHAT_TEMPLATES.items() if jinja == own), None)
-    if name is None:
-        has_chatml = all(t in tok.special_tokens for t in nano.CHAT_SPECIAL_TOKENS["chatml"])
-        name = "chatml" if has_chatml or cfg.model_type.startswith("qwen") else "mistral"
+def choose_template(requested, model_dir, model_type, tok):
+    """sft.py's rule (model.choose_chat_template), so the teacher's conversations read as its SFT run wrote
+    them. Unlike sft.py we cannot add missing tokens (teacher and student must keep one vocabulary), so a
+    template whose tokens the tokenizer lacks is refused."""
+    name = nano.choose_chat_template(requested, model_dir, model_type, tok)
     missing = [t for t in nano.CHAT_SPECIAL_TOKENS[name] if t not in tok.special_tokens]
     if missing:
         raise ValueError(f"{model_dir}: the tokenizer lacks {missing}, which the {name} chat template needs; "
@@ -291,38 +283,12 @@ def shifted_positions(loss_mask, all_positions=False):
 
 
 def tokenize_conversations(paths, tok, template, max_len, overlong="drop", all_positions=False):
-    """Every conversation of the .jsonl files, rendered as sft.py renders it (model.render_chat), with
-    sft.py's --overlong policy: a conversation longer than max_len tokens is dropped, or cut to its first
-    max_len tokens (then dropped only if nothing supervised is left).
+    """Every conversation of the .jsonl files, rendered and cut exactly as sft.py does
+    (model.render_conversations, with its --overlong policy), each with its stored positions.
     Returns ([(ids, positions)], counts {kept, truncated, dropped})."""
-    conversations, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
-    for path in paths:
-        for messages in nano.read_conversations(path):
-            ids, mask = nano.render_chat(messages, template, tok)
-            kind = "kept"
-            if len(ids) > max_len:
-                ids, mask, kind = ids[:max_len], mask[:max_len], "truncated"
-            positions = shifted_positions(mask, all_positions)
-            if (kind == "truncated" and overlong == "drop") or not any(mask[1:]):
-                kind = "dropped"
-            counts[kind] += 1
-            if kind != "dropped":
-                conversations.append((ids, positions))
-    return conversations, counts
-
-
-def pack(lengths, order, seq_len):
-    """Greedy packing in the given order: lists of item indices whose lengths sum to at most seq_len."""
-    sequences, current, used = [], [], 0
-    for i in order:
-        if current and used + lengths[i] > seq_len:
-            sequences.append(current)
-            current, used = [], 0
-        current.append(int(i))
-        used += int(lengths[i])
-    if current:
-        sequences.append(current)
-    return sequences
+    conversations = [c for path in paths for c in nano.read_conversations(path)]
+    examples, counts = nano.render_conversations(conversations, template, tok, max_len, overlong)
+    return [(ids, shifted_positions(mask, all_positions)) for ids, mask in examples], counts
 
 
 def packed_batch(items, device):
@@ -366,7 +332,7 @@ def teacher_topk(teacher, conversations, k, pack_len, batch_size, device):
     """Teacher rows for a list of (ids, positions) conversations, in conversation order: a dict of numpy
     arrays topk_ids (N, k), topk_logprobs (N, k) fp16, log_partition, tail_logprob, gold_logprob (N,) fp32."""
     lengths = [len(ids) for ids, _ in conversations]
-    sequences = pack(lengths, range(len(conversations)), pack_len)    # in order: rows come out in order
+    sequences = nano.pack_greedy(lengths, pack_len, range(len(conversations)))    # in order: rows come out in order
     out = {name: [] for name in ROW_ARRAYS[1:]}
     for s in range(0, len(sequences), batch_size):
         items = [[conversations[i] for i in seq] for seq in sequences[s:s + batch_size]]
@@ -402,7 +368,7 @@ def dump(args):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tok = nano.load_tokenizer(args.teacher)
     teacher = nano.Transformer.from_pretrained(args.teacher, device=device, dtype=dtype).eval()
-    template = choose_template(args.chat_template, args.teacher, teacher.config, tok)
+    template = choose_template(args.chat_template, args.teacher, teacher.config.model_type, tok)
     V = teacher.config.vocab_size
     if not 0 < args.top_k < V:
         raise ValueError(f"--top-k {args.top_k}: must be between 1 and the vocabulary size - 1 ({V - 1})")
@@ -526,7 +492,7 @@ def training_plan(lengths, conversations, seq_len, batch_size, epochs, seed):
     plan = []
     for epoch in range(epochs):
         order = np.random.default_rng(seed + epoch).permutation(conversations)
-        plan += micro_batches(pack(lengths, order, seq_len), batch_size)
+        plan += micro_batches(nano.pack_greedy(lengths, seq_len, order), batch_size)
     return plan
 
 
@@ -563,7 +529,7 @@ def evaluate_heldout(model, store, conversations, lengths, args, device, rank, w
     the full-vocabulary KL), and the teacher's own CE, all per stored row, summed over every rank."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)                    # ce, kl, teacher ce, rows
-    batches = micro_batches(pack(lengths, conversations, args.seq_len), args.batch_size)
+    batches = micro_batches(nano.pack_greedy(lengths, args.seq_len, conversations), args.batch_size)
     for micro in batches[rank::world]:
         input_ids, doc_ids, flat, gold, t = load_batch(store, micro, device)
         logits = student_logits(model, input_ids, doc_ids, flat, autocast)
@@ -578,20 +544,6 @@ def evaluate_heldout(model, store, conversations, lengths, args, device, rank, w
     return {"eval_ce": ce / rows, "eval_kl": kl / rows, "eval_teacher_ce": teacher_ce / rows, "eval_rows": int(rows)}
 
 
-def save_final(raw, out, state_dict, tokenizer_dir):
-    """The final student into the run directory itself, as sft.py does it: the run directory also holds
-    checkpoints/ and metrics.jsonl, so it cannot be replaced whole; the model is written to a temporary
-    directory, then moved in file by file with config.json last (a directory with config.json is complete)."""
-    tmp = os.path.join(out, ".final")
-    shutil.rmtree(tmp, ignore_errors=True)
-    raw.save_pretrained(tmp, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
-    if os.path.exists(os.path.join(out, "config.json")):
-        os.remove(os.path.join(out, "config.json"))
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    os.rmdir(tmp)
-
-
 def train(args):
     rank, _, world, device = nano.init_distributed()
     import torch.distributed as dist
@@ -604,6 +556,10 @@ def train(args):
     # -- store, student, tokenizer check -----------------------------------------------------------------
     store = TopkStore(args.store)
     store.check_student_tokenizer(nano.load_tokenizer(args.student), args.student)
+    # the student is saved with the chat template its data was rendered with, so it chats in transformers
+    tok_dir = os.path.join(args.out, "tokenizer")
+    if rank == 0:
+        nano.write_chat_tokenizer(args.student, store.meta["chat_template"], tok_dir)
     # full fine-tuning resumes from the checkpoint's weights; LoRA from the base plus the saved adapter (sft.py)
     from_ckpt = ckpt is not None and not lora
     raw = nano.Transformer.from_pretrained(ckpt if from_ckpt else args.student, device=device, dtype=args.dtype)
@@ -689,7 +645,7 @@ def train(args):
             state = {"step": step, "optimizer": optimizer.state_dict()}
             if lora:
                 state["lora"] = nano.lora_state_dict(raw)
-            nano.save_checkpoint(args.out, step, raw, state, tokenizer_dir=args.student, keep=args.keep,
+            nano.save_checkpoint(args.out, step, raw, state, tokenizer_dir=tok_dir, keep=args.keep,
                                  state_dict=nano.merged_state_dict(raw) if lora else None)
         if dist.is_initialized():
             dist.barrier()
@@ -745,7 +701,7 @@ def train(args):
     # -- final model ------------------------------------------------------------------------------------
     checkpoint(total_steps)
     if rank == 0:
-        save_final(raw, args.out, nano.merged_state_dict(raw) if lora else None, args.student)
+        raw.save_pretrained(args.out, tokenizer_dir=tok_dir, state_dict=nano.merged_state_dict(raw) if lora else None)
         if lora:
             nano.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.student))
         nano.print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))

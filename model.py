@@ -10,8 +10,10 @@ the few helpers every training script needs. Sections, in order:
   4. load / save   -- safetensors (single or sharded), built on the meta device, atomic saves
   5. generation    -- KV cache, greedy / temperature / top-k / top-p, batched prompts
   6. LoRA          -- low-rank adapters on chosen linear layers, merged for saving, PEFT-style files
-  7. chat templates -- reading chat .jsonl, ChatML / Mistral rendering with the assistant-only loss mask
-  8. training helpers -- distributed init, print0, LR schedule, checkpoints, MFU
+  7. training helpers -- distributed init, print0, LR schedule, checkpoints, MFU, DDP / FSDP2
+
+Tokenizers and chat templates (rendering with the assistant-only loss mask) are in tokenizer.py and
+re-exported here.
 
 References: Mistral 7B (Jiang et al. 2023), Qwen2/Qwen3 technical reports, Llama 3 (Dubey et al. 2024)
 for the llama3 RoPE scaling; the HF `transformers` implementations define the numerics we match.
@@ -28,13 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-
-
-def load_tokenizer(path):
-    """The tokenizer of a model directory (or a SentencePiece .model file); see tokenizer.py."""
-    from tokenizer import load_tokenizer as load
-    return load(path)
+# Tokenizers and chat templates live in tokenizer.py; re-exported here so every script imports from model.
+from tokenizer import (CHAT_ROLES, CHAT_SPECIAL_TOKENS, CHAT_TEMPLATES, TOKENIZER_FILES,  # noqa: F401
+                       chat_prompt, check_messages, choose_chat_template, load_tokenizer, pack_greedy,
+                       read_conversations, render_chat, render_conversations, write_chat_tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -580,7 +579,6 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
 
         tok_src = tokenizer_dir or model.source_dir
         if tok_src:
-            from tokenizer import TOKENIZER_FILES
             for name in TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(tok_src, name)):
                     shutil.copy2(os.path.join(tok_src, name), os.path.join(tmp, name))
@@ -599,7 +597,6 @@ def install_model_files(tmp, path):
     not the model: its config.json goes first, so it stops claiming to hold a model, then its old
     weights and tokenizer files, then the new files move in with config.json last. Either way a
     directory with a config.json always has complete weights."""
-    from tokenizer import TOKENIZER_FILES
     if not os.path.isdir(path):
         os.rename(tmp, path)
         return
@@ -790,168 +787,7 @@ def save_lora_adapter(model, path, base_model=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. chat templates
-# ------------------------------------------------------------------------------------------------
-# A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}. Each template is
-# written twice: as Python below, which also marks the supervised text (the loss mask), and as Jinja,
-# saved into tokenizer_config.json so that transformers' apply_chat_template renders the same text.
-# tests/test_sft.py checks that the two give the same ids.
-CHAT_ROLES = ("system", "user", "assistant")
-
-# ChatML, as Qwen uses it (without Qwen's default system prompt). bos only when the tokenizer has one:
-# Llama/Mistral-family tokenizers (and train_tokenizer.py's) start every sequence with it; Qwen's has none.
-CHATML_JINJA = (
-    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{- raise_exception('Unknown role: ' + message['role']) }}{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-# Mistral's [INST] format, as in Mixtral-8x7B-Instruct-v0.1's tokenizer_config.json: one bos, a
-# system message prepended to the first user turn, eos closing every assistant turn.
-MISTRAL_JINJA = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
-    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
-    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
-    "{%- for message in loop_messages %}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{- raise_exception('After the optional system message, roles must alternate user/assistant') }}{%- endif %}"
-    "{%- if message['role'] == 'user' %}"
-    "{%- if loop.first and system_message is defined %}"
-    "{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
-    "{%- else %}{{- ' [INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
-    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
-    "{%- else %}{{- raise_exception('Only user and assistant roles after an optional system message') }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-)
-
-CHAT_TEMPLATES = {"chatml": CHATML_JINJA, "mistral": MISTRAL_JINJA}
-CHAT_SPECIAL_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>"], "mistral": []}   # beyond bos/eos
-
-
-def check_messages(messages, where="conversation"):
-    """Stop with one clear message unless `messages` is a list of {role, content} turns with a known
-    role, string content, and at least one assistant turn (else there is nothing to learn from)."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"{where}: message {i} must be an object with 'role' and 'content'")
-        if m["role"] not in CHAT_ROLES:
-            raise ValueError(f"{where}: message {i} has unknown role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"{where}: message {i} content must be a string")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{where}: no assistant turn (nothing to learn from)")
-
-
-def read_conversations(path) -> list:
-    """A .jsonl file of conversations: {"messages": [...]} or Alpaca {"instruction", "input", "output"}
-    (the user turn is the instruction, then the input after a blank line when there is one).
-    Blank lines are skipped; errors name the file and line."""
-    conversations = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            if isinstance(record, dict) and "messages" in record:
-                messages = record["messages"]
-            elif isinstance(record, dict) and "instruction" in record and "output" in record:
-                if not all(isinstance(record.get(k, ""), str) for k in ("instruction", "input", "output")):
-                    raise ValueError(f"{where}: Alpaca fields 'instruction', 'input', 'output' must be strings")
-                user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-                messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-            else:
-                raise ValueError(f"{where}: expected {{\"messages\": [...]}} or Alpaca "
-                                 f"{{\"instruction\", \"input\", \"output\"}}")
-            check_messages(messages, where)
-            conversations.append(messages)
-    if not conversations:
-        raise ValueError(f"{path}: no conversations (empty file)")
-    return conversations
-
-
-def chat_text_parts(messages, template, bos_token=None, eos_token=None, generation_prompt=False) -> list:
-    """The conversation rendered as [(text, supervised)]: the texts joined are exactly what the Jinja
-    template renders; supervised marks each assistant turn's content and its end-of-turn token."""
-    parts = [(bos_token, False)] if bos_token else []
-    if template == "chatml":
-        for m in messages:
-            if m["role"] == "assistant":
-                parts += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True), ("\n", False)]
-            else:
-                parts.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
-        if generation_prompt:
-            parts.append(("<|im_start|>assistant\n", False))
-    elif template == "mistral":
-        if eos_token is None:
-            raise ValueError("the mistral chat template needs an eos token; the tokenizer has none")
-        system = messages[0]["content"] if messages[0]["role"] == "system" else None
-        for i, m in enumerate(messages[1:] if system is not None else messages):
-            if m["role"] != ("user" if i % 2 == 0 else "assistant"):
-                raise ValueError("mistral chat template: after an optional system message, "
-                                 f"roles must alternate user/assistant (turn {i} is {m['role']!r})")
-            if m["role"] == "user":
-                content = f"{system}\n\n{m['content']}" if i == 0 and system is not None else m["content"]
-                parts.append((f" [INST] {content} [/INST]", False))
-            else:
-                # the space belongs to the answer: "▁word" is its first token
-                parts.append((" " + m["content"] + eos_token, True))
-    else:
-        raise ValueError(f"unknown chat template {template!r}; known: {', '.join(CHAT_TEMPLATES)}")
-    return parts
-
-
-def _role_token(tokenizer, token_id):
-    return None if token_id is None else tokenizer.id_to_piece(token_id)
-
-
-def render_chat(messages, template, tokenizer):
-    """-> (ids, loss_mask): the token ids of a conversation and, per token, whether it is supervised
-    (each assistant turn's content and its end-of-turn token, nothing else; Vikhr §3.3).
-
-    The ids are those of encoding the whole rendered text at once, which is what apply_chat_template
-    does. A part's tokens can depend on the text before it (SentencePiece's dummy prefix, merges across
-    the seam), so parts are not encoded on their own: each seam between unsupervised and supervised
-    text is located by encoding the text up to it, whose ids must be a prefix of the whole's ids (else
-    the seam falls inside a token and the mask could not be exact, so we stop)."""
-    parts = chat_text_parts(messages, template, _role_token(tokenizer, tokenizer.bos_id),
-                            _role_token(tokenizer, tokenizer.eos_id))
-    text = "".join(t for t, _ in parts)
-    ids = tokenizer.encode(text)
-    mask, end = [], 0
-    for i, (part, supervised) in enumerate(parts):
-        end += len(part)
-        if i + 1 < len(parts) and parts[i + 1][1] == supervised:
-            continue                                  # not a seam: same flag on both sides
-        prefix = ids if end == len(text) else tokenizer.encode(text[:end])
-        if prefix != ids[:len(prefix)]:
-            raise ValueError(f"chat template {template!r}: the tokenizer joins the text on both sides of "
-                             f"{text[max(0, end - 20):end]!r}|{text[end:end + 20]!r} into one token, so the "
-                             "assistant turn cannot be masked exactly")
-        mask += [supervised] * (len(prefix) - len(mask))
-    return ids, mask
-
-
-def chat_prompt(messages, template, tokenizer):
-    """Token ids of a conversation so far, ready for the assistant's next turn (for generation)."""
-    parts = chat_text_parts(messages, template, _role_token(tokenizer, tokenizer.bos_id),
-                            _role_token(tokenizer, tokenizer.eos_id), generation_prompt=True)
-    return tokenizer.encode("".join(t for t, _ in parts))
-
-
-# ------------------------------------------------------------------------------------------------
-# 8. training helpers
+# 7. training helpers
 # ------------------------------------------------------------------------------------------------
 def init_distributed():
     """Works under plain `python` and `torchrun`. Returns (rank, local_rank, world_size, device)."""

@@ -102,64 +102,6 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------
 # chat template and tokenizer
 # ------------------------------------------------------------------------------------------------
-def choose_template(requested, model_dir, cfg, tokenizer):
-    """--chat-template auto: the model's own chat_template when it is one of ours (a second SFT round),
-    else ChatML when no token has to be added for it or the model is a Qwen, else Mistral's format."""
-    if requested != "auto":
-        return requested
-    config_path = os.path.join(model_dir, "tokenizer_config.json")
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            own = json.load(f).get("chat_template")
-        for name, jinja in M.CHAT_TEMPLATES.items():
-            if own == jinja:
-                return name
-    has_chatml = all(t in tokenizer.special_tokens for t in M.CHAT_SPECIAL_TOKENS["chatml"])
-    return "chatml" if has_chatml or cfg.model_type.startswith("qwen") else "mistral"
-
-
-def write_chat_tokenizer(model_dir, template, out_dir):
-    """The run's tokenizer files in out_dir: the base model's, plus each special token the template needs
-    and the vocabulary lacks, plus the template's Jinja as `chat_template` in tokenizer_config.json.
-    Returns (tokenizer, added tokens). Tokens are added as user-defined pieces at the end of the
-    SentencePiece model, so every reader (sentencepiece, tokenizer.py, transformers) knows them."""
-    from tokenizer import (ROLES, TOKENIZER_FILES, SentencePieceTokenizer, load_tokenizer, replace_dir,
-                           sp_model_pb2, write_hf_tokenizer_files)
-    tok = load_tokenizer(model_dir)
-    missing = [t for t in M.CHAT_SPECIAL_TOKENS[template] if t not in tok.special_tokens]
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(tok, SentencePieceTokenizer):
-        pb2 = sp_model_pb2()
-        proto = pb2.ModelProto()
-        proto.CopyFrom(tok.proto)
-        # tokens tokenizer_config.json added on top of the .model go in first, so their ids stay the same
-        for text in [tok.added_pieces[i] for i in sorted(tok.added_pieces)] + missing:
-            if text in missing and tok.piece_to_id(text) is not None:
-                raise ValueError(f"{model_dir}: {text!r} is an ordinary piece of the vocabulary, so it "
-                                 "cannot become the special token the chat template needs")
-            proto.pieces.add(piece=text, score=0.0, type=pb2.ModelProto.SentencePiece.USER_DEFINED)
-        roles = {r: getattr(tok, r.replace("_token", "_id")) for r in ROLES}
-        roles = {r: None if i is None else tok.id_to_piece(i) for r, i in roles.items()}
-        write_hf_tokenizer_files(proto, tmp, roles, chat_template=M.CHAT_TEMPLATES[template])
-    else:
-        if missing:
-            raise ValueError(f"{model_dir}: the tokenizer (tokenizer.json) lacks {missing}, which the {template} "
-                             "template needs, and nanoadapt adds tokens only to SentencePiece models; "
-                             "choose another --chat-template")
-        os.makedirs(tmp)
-        for name in TOKENIZER_FILES:
-            if name != "chat_template.jinja" and os.path.isfile(os.path.join(model_dir, name)):
-                shutil.copy2(os.path.join(model_dir, name), tmp)   # (a .jinja file would override ours)
-        config_path = os.path.join(tmp, "tokenizer_config.json")
-        config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
-        config["chat_template"] = M.CHAT_TEMPLATES[template]
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-    replace_dir(tmp, out_dir)
-    return load_tokenizer(out_dir), missing
-
-
 @torch.no_grad()
 def add_token_rows(model, vocab_size, new_ids, base_vocab_size):
     """Grow the embedding (and an untied head) to vocab_size rows when needed, and set the rows of the
@@ -176,38 +118,6 @@ def add_token_rows(model, vocab_size, new_ids, base_vocab_size):
 # ------------------------------------------------------------------------------------------------
 # data: render, pack, batch
 # ------------------------------------------------------------------------------------------------
-def render_all(conversations, template, tokenizer, seq_len, overlong):
-    """-> (examples [(ids, mask)], counts {kept, truncated, dropped})."""
-    examples, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
-    for messages in conversations:
-        ids, mask = M.render_chat(messages, template, tokenizer)
-        if len(ids) > seq_len:
-            if overlong == "drop" or not any(mask[:seq_len]):
-                counts["dropped"] += 1
-                continue
-            ids, mask = ids[:seq_len], mask[:seq_len]
-            counts["truncated"] += 1
-        else:
-            counts["kept"] += 1
-        examples.append((ids, mask))
-    return examples, counts
-
-
-def pack(lengths, seq_len, order):
-    """Greedy packing in the given order: each conversation joins the current row if it fits, else
-    starts a new one. -> rows, each a list of conversation indices."""
-    rows, row, used = [], [], 0
-    for i in order:
-        if row and used + lengths[i] > seq_len:
-            rows.append(row)
-            row, used = [], 0
-        row.append(i)
-        used += lengths[i]
-    if row:
-        rows.append(row)
-    return rows
-
-
 def make_batch(rows, examples, seq_len, pad_id):
     """Rows of conversation indices -> ids, labels, doc_ids, each (B, seq_len). labels[t] is ids[t+1]
     where that token is supervised and in the same conversation, else IGNORE. An empty list of rows
@@ -298,10 +208,10 @@ def main(argv=None):
     from_ckpt = ckpt is not None and not lora
     raw = Transformer.from_pretrained(ckpt if from_ckpt else args.model, device=device, dtype=args.dtype)
     base_tok = M.load_tokenizer(args.model)
-    args.chat_template = choose_template(args.chat_template, args.model, raw.config, base_tok)
+    args.chat_template = M.choose_chat_template(args.chat_template, args.model, raw.config.model_type, base_tok)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        tokenizer, added = write_chat_tokenizer(args.model, args.chat_template, tok_dir)
+        tokenizer, added = M.write_chat_tokenizer(args.model, args.chat_template, tok_dir)
     if dist.is_initialized():
         dist.barrier()                                      # rank 0 wrote the tokenizer files
     if rank != 0:
@@ -337,8 +247,8 @@ def main(argv=None):
         n_val = round(len(conversations) * args.val_fraction)
         val_convs = [conversations[i] for i in order[:n_val]]
         train_convs = [conversations[i] for i in order[n_val:]]
-    train, counts = render_all(train_convs, args.chat_template, tokenizer, args.seq_len, args.overlong)
-    val, val_counts = render_all(val_convs, args.chat_template, tokenizer, args.seq_len, args.overlong)
+    train, counts = M.render_conversations(train_convs, args.chat_template, tokenizer, args.seq_len, args.overlong)
+    val, val_counts = M.render_conversations(val_convs, args.chat_template, tokenizer, args.seq_len, args.overlong)
     print0(f"train conversations: {counts['kept']} kept, {counts['truncated']} truncated, {counts['dropped']} "
            f"dropped (longer than {args.seq_len} tokens, --overlong {args.overlong}); held out: {len(val)}")
     if not train:
@@ -349,11 +259,11 @@ def main(argv=None):
     for epoch in range(args.epochs):
         order = list(range(len(train)))
         random.Random(args.seed * 1000 + epoch).shuffle(order)
-        epoch_rows.append(pack(lengths, args.seq_len, order))
+        epoch_rows.append(M.pack_greedy(lengths, args.seq_len, order))
     rows_per_step = args.batch_size * args.grad_accum * world
     schedule = [(e, k) for e, rows in enumerate(epoch_rows) for k in range(math.ceil(len(rows) / rows_per_step))]
     total_steps = min(len(schedule), args.max_steps) if args.max_steps else len(schedule)
-    val_rows = pack([len(ids) for ids, _ in val], args.seq_len, range(len(val)))
+    val_rows = M.pack_greedy([len(ids) for ids, _ in val], args.seq_len, range(len(val)))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     sup_tokens = sum(sum(m) for _, m in train)
     print0(f"{len(epoch_rows[0])} packed rows per epoch, {sup_tokens} supervised of {sum(lengths)} tokens; "

@@ -1,5 +1,13 @@
 """
-Tokenizer loading and writing: one small interface over the two formats LLM checkpoints ship.
+Tokenizers and chat templates: how text becomes ids. Two parts:
+
+  1. loading and writing tokenizers -- one small interface over the two formats LLM checkpoints ship
+  2. chat templates -- reading chat .jsonl, ChatML / Mistral rendering with the assistant-only loss
+     mask, and the Jinja twin of each template that transformers' apply_chat_template runs
+
+(Split out of model.py, which re-exports these names, so the stage scripts import everything from model.)
+
+Tokenizer formats:
 
   * SentencePiece `tokenizer.model` (Llama-2, Mistral, and every tokenizer train_tokenizer.py makes),
     read with the `sentencepiece` package;
@@ -527,3 +535,255 @@ def replace_dir(tmp_dir, out_dir):
     os.rename(tmp_dir, out_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+# ------------------------------------------------------------------------------------------------
+# chat templates (rendering with the assistant-only loss mask; shared by sft.py, distill.py, evaluate.py)
+# ------------------------------------------------------------------------------------------------
+# A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}. Each template is
+# written twice: as Python below, which also marks the supervised text (the loss mask), and as Jinja,
+# saved into tokenizer_config.json so that transformers' apply_chat_template renders the same text.
+# tests/test_sft.py checks that the two give the same ids.
+CHAT_ROLES = ("system", "user", "assistant")
+
+# ChatML, as Qwen uses it (without Qwen's default system prompt). bos only when the tokenizer has one:
+# Llama/Mistral-family tokenizers (and train_tokenizer.py's) start every sequence with it; Qwen's has none.
+CHATML_JINJA = (
+    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception('Unknown role: ' + message['role']) }}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Mistral's [INST] format, as in Mixtral-8x7B-Instruct-v0.1's tokenizer_config.json: one bos, a
+# system message prepended to the first user turn, eos closing every assistant turn.
+MISTRAL_JINJA = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, roles must alternate user/assistant') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system_message is defined %}"
+    "{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- ' [INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles after an optional system message') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+CHAT_TEMPLATES = {"chatml": CHATML_JINJA, "mistral": MISTRAL_JINJA}
+CHAT_SPECIAL_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>"], "mistral": []}   # beyond bos/eos
+
+
+def check_messages(messages, where="conversation"):
+    """Stop with one clear message unless `messages` is a list of {role, content} turns with a known
+    role, string content, and at least one assistant turn (else there is nothing to learn from)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"{where}: message {i} has unknown role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{where}: message {i} content must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: no assistant turn (nothing to learn from)")
+
+
+def read_conversations(path) -> list:
+    """A .jsonl file of conversations: {"messages": [...]} or Alpaca {"instruction", "input", "output"}
+    (the user turn is the instruction, then the input after a blank line when there is one).
+    Blank lines are skipped; errors name the file and line."""
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e})") from None
+            if isinstance(record, dict) and "messages" in record:
+                messages = record["messages"]
+            elif isinstance(record, dict) and "instruction" in record and "output" in record:
+                if not all(isinstance(record.get(k, ""), str) for k in ("instruction", "input", "output")):
+                    raise ValueError(f"{where}: Alpaca fields 'instruction', 'input', 'output' must be strings")
+                user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+                messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+            else:
+                raise ValueError(f"{where}: expected {{\"messages\": [...]}} or Alpaca "
+                                 f"{{\"instruction\", \"input\", \"output\"}}")
+            check_messages(messages, where)
+            conversations.append(messages)
+    if not conversations:
+        raise ValueError(f"{path}: no conversations (empty file)")
+    return conversations
+
+
+def chat_text_parts(messages, template, bos_token=None, eos_token=None, generation_prompt=False) -> list:
+    """The conversation rendered as [(text, supervised)]: the texts joined are exactly what the Jinja
+    template renders; supervised marks each assistant turn's content and its end-of-turn token."""
+    parts = [(bos_token, False)] if bos_token else []
+    if template == "chatml":
+        for m in messages:
+            if m["role"] == "assistant":
+                parts += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True), ("\n", False)]
+            else:
+                parts.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
+        if generation_prompt:
+            parts.append(("<|im_start|>assistant\n", False))
+    elif template == "mistral":
+        if eos_token is None:
+            raise ValueError("the mistral chat template needs an eos token; the tokenizer has none")
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        for i, m in enumerate(messages[1:] if system is not None else messages):
+            if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+                raise ValueError("mistral chat template: after an optional system message, "
+                                 f"roles must alternate user/assistant (turn {i} is {m['role']!r})")
+            if m["role"] == "user":
+                content = f"{system}\n\n{m['content']}" if i == 0 and system is not None else m["content"]
+                parts.append((f" [INST] {content} [/INST]", False))
+            else:
+                # the space belongs to the answer: "▁word" is its first token
+                parts.append((" " + m["content"] + eos_token, True))
+    else:
+        raise ValueError(f"unknown chat template {template!r}; known: {', '.join(CHAT_TEMPLATES)}")
+    return parts
+
+
+def _role_token(tokenizer, token_id):
+    return None if token_id is None else tokenizer.id_to_piece(token_id)
+
+
+def render_chat(messages, template, tokenizer):
+    """-> (ids, loss_mask): the token ids of a conversation and, per token, whether it is supervised
+    (each assistant turn's content and its end-of-turn token, nothing else; Vikhr §3.3).
+
+    The ids are those of encoding the whole rendered text at once, which is what apply_chat_template
+    does. A part's tokens can depend on the text before it (SentencePiece's dummy prefix, merges across
+    the seam), so parts are not encoded on their own: each seam between unsupervised and supervised
+    text is located by encoding the text up to it, whose ids must be a prefix of the whole's ids (else
+    the seam falls inside a token and the mask could not be exact, so we stop)."""
+    parts = chat_text_parts(messages, template, _role_token(tokenizer, tokenizer.bos_id),
+                            _role_token(tokenizer, tokenizer.eos_id))
+    text = "".join(t for t, _ in parts)
+    ids = tokenizer.encode(text)
+    mask, end = [], 0
+    for i, (part, supervised) in enumerate(parts):
+        end += len(part)
+        if i + 1 < len(parts) and parts[i + 1][1] == supervised:
+            continue                                  # not a seam: same flag on both sides
+        prefix = ids if end == len(text) else tokenizer.encode(text[:end])
+        if prefix != ids[:len(prefix)]:
+            raise ValueError(f"chat template {template!r}: the tokenizer joins the text on both sides of "
+                             f"{text[max(0, end - 20):end]!r}|{text[end:end + 20]!r} into one token, so the "
+                             "assistant turn cannot be masked exactly")
+        mask += [supervised] * (len(prefix) - len(mask))
+    return ids, mask
+
+
+def chat_prompt(messages, template, tokenizer):
+    """Token ids of a conversation so far, ready for the assistant's next turn (for generation)."""
+    parts = chat_text_parts(messages, template, _role_token(tokenizer, tokenizer.bos_id),
+                            _role_token(tokenizer, tokenizer.eos_id), generation_prompt=True)
+    return tokenizer.encode("".join(t for t, _ in parts))
+
+
+def choose_chat_template(requested, model_dir, model_type, tokenizer):
+    """--chat-template auto: the model's own chat_template when it is one of ours (a second SFT round, or
+    a teacher sft.py wrote), else ChatML when the tokenizer already has its tokens or the model is a Qwen,
+    else Mistral's [INST]. sft.py and distill.py both decide with this, so they render alike."""
+    if requested not in (None, "auto"):
+        return requested
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            own = json.load(f).get("chat_template")
+        for name, jinja in CHAT_TEMPLATES.items():
+            if own == jinja:
+                return name
+    has_chatml = all(t in tokenizer.special_tokens for t in CHAT_SPECIAL_TOKENS["chatml"])
+    return "chatml" if has_chatml or model_type.startswith("qwen") else "mistral"
+
+
+def render_conversations(conversations, template, tokenizer, max_len, overlong):
+    """Render each conversation, applying the over-long policy: "drop" a conversation longer than
+    max_len tokens, or "truncate" it to its first max_len (dropped anyway if no supervised token is left).
+    -> (examples [(ids, loss_mask)], counts {kept, truncated, dropped})."""
+    examples, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
+    for messages in conversations:
+        ids, mask = render_chat(messages, template, tokenizer)
+        if len(ids) > max_len:
+            if overlong == "drop" or not any(mask[:max_len]):
+                counts["dropped"] += 1
+                continue
+            ids, mask = ids[:max_len], mask[:max_len]
+            counts["truncated"] += 1
+        else:
+            counts["kept"] += 1
+        examples.append((ids, mask))
+    return examples, counts
+
+
+def pack_greedy(lengths, seq_len, order):
+    """Greedy packing in the given order: each item joins the current row if it fits, else starts a new
+    one. -> rows, each a list of item indices whose lengths sum to at most seq_len (or one longer item)."""
+    rows, row, used = [], [], 0
+    for i in order:
+        if row and used + lengths[i] > seq_len:
+            rows.append(row)
+            row, used = [], 0
+        row.append(int(i))
+        used += int(lengths[i])
+    if row:
+        rows.append(row)
+    return rows
+
+
+def write_chat_tokenizer(model_dir, template, out_dir):
+    """The tokenizer files of a chat model in out_dir: the base model's, plus each special token the template needs
+    and the vocabulary lacks, plus the template's Jinja as `chat_template` in tokenizer_config.json.
+    Returns (tokenizer, added tokens). Tokens are added as user-defined pieces at the end of the
+    SentencePiece model, so every reader (sentencepiece, tokenizer.py, transformers) knows them."""
+    tok = load_tokenizer(model_dir)
+    missing = [t for t in CHAT_SPECIAL_TOKENS[template] if t not in tok.special_tokens]
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(tok, SentencePieceTokenizer):
+        pb2 = sp_model_pb2()
+        proto = pb2.ModelProto()
+        proto.CopyFrom(tok.proto)
+        # tokens tokenizer_config.json added on top of the .model go in first, so their ids stay the same
+        for text in [tok.added_pieces[i] for i in sorted(tok.added_pieces)] + missing:
+            if text in missing and tok.piece_to_id(text) is not None:
+                raise ValueError(f"{model_dir}: {text!r} is an ordinary piece of the vocabulary, so it "
+                                 "cannot become the special token the chat template needs")
+            proto.pieces.add(piece=text, score=0.0, type=pb2.ModelProto.SentencePiece.USER_DEFINED)
+        roles = {r: getattr(tok, r.replace("_token", "_id")) for r in ROLES}
+        roles = {r: None if i is None else tok.id_to_piece(i) for r, i in roles.items()}
+        write_hf_tokenizer_files(proto, tmp, roles, chat_template=CHAT_TEMPLATES[template])
+    else:
+        if missing:
+            raise ValueError(f"{model_dir}: the tokenizer (tokenizer.json) lacks {missing}, which the {template} "
+                             "template needs, and nanoadapt adds tokens only to SentencePiece models; "
+                             "choose another --chat-template")
+        os.makedirs(tmp)
+        for name in TOKENIZER_FILES:
+            if name != "chat_template.jinja" and os.path.isfile(os.path.join(model_dir, name)):
+                shutil.copy2(os.path.join(model_dir, name), tmp)   # (a .jinja file would override ours)
+        config_path = os.path.join(tmp, "tokenizer_config.json")
+        config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+        config["chat_template"] = CHAT_TEMPLATES[template]
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+    replace_dir(tmp, out_dir)
+    return load_tokenizer(out_dir), missing

@@ -68,7 +68,7 @@ def chat_tokenizers(tmp_path_factory):
     """{template: (tokenizer, dir, added)} from a base tokenizer that has no ChatML tokens."""
     root = tmp_path_factory.mktemp("tok")
     write_sp_tokenizer(root / "base")
-    return {t: (*sft.write_chat_tokenizer(str(root / "base"), t, str(root / t)), str(root / t))
+    return {t: (*M.write_chat_tokenizer(str(root / "base"), t, str(root / t)), str(root / t))
             for t in M.CHAT_TEMPLATES}
 
 
@@ -208,13 +208,13 @@ def test_packed_conversations_have_the_same_per_token_loss(chat_tokenizers, tmp_
 
 
 def test_pack_and_overlong_policy(chat_tokenizers):
-    assert sft.pack([5, 3, 4, 8, 1], seq_len=8, order=[0, 1, 2, 3, 4]) == [[0, 1], [2], [3], [4]]
+    assert M.pack_greedy([5, 3, 4, 8, 1], seq_len=8, order=[0, 1, 2, 3, 4]) == [[0, 1], [2], [3], [4]]
     tok = chat_tokenizers["chatml"][0]
     lengths = [len(M.render_chat(m, "chatml", tok)[0]) for m in CONVERSATIONS]
     seq_len = sorted(lengths)[1]                                     # the longest one does not fit
-    kept, counts = sft.render_all(CONVERSATIONS, "chatml", tok, seq_len, "drop")
+    kept, counts = M.render_conversations(CONVERSATIONS, "chatml", tok, seq_len, "drop")
     assert counts == {"kept": 2, "truncated": 0, "dropped": 1} and len(kept) == 2
-    kept, counts = sft.render_all(CONVERSATIONS, "chatml", tok, seq_len, "truncate")
+    kept, counts = M.render_conversations(CONVERSATIONS, "chatml", tok, seq_len, "truncate")
     assert counts == {"kept": 2, "truncated": 1, "dropped": 0} and max(len(ids) for ids, _ in kept) == seq_len
 
 
