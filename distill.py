@@ -517,10 +517,8 @@ def load_batch(store, micro, device):
 
 def student_logits(model, input_ids, doc_ids, flat, autocast):
     """(N, V) fp32 logits of the student at the rows only."""
-    raw = nano.unwrap(model)
     with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        h = hidden_at(model, input_ids, doc_ids, flat)                           # (N, d)
-        return raw.lm_head(h).float()                                            # (N, V)
+        return model(input_ids, doc_ids=doc_ids, logits_at=flat).float()         # (N, V)
 
 
 @torch.no_grad()
@@ -530,9 +528,13 @@ def evaluate_heldout(model, store, conversations, lengths, args, device, rank, w
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)                    # ce, kl, teacher ce, rows
     batches = micro_batches(nano.pack_greedy(lengths, args.seq_len, conversations), args.batch_size)
-    for micro in batches[rank::world]:
-        input_ids, doc_ids, flat, gold, t = load_batch(store, micro, device)
+    # every rank runs the same number of forwards (FSDP gathers weights in each); a spare one is not counted
+    for i in range(math.ceil(len(batches) / world)):
+        spare = rank + i * world >= len(batches)
+        input_ids, doc_ids, flat, gold, t = load_batch(store, batches[0 if spare else rank + i * world], device)
         logits = student_logits(model, input_ids, doc_ids, flat, autocast)
+        if spare:
+            continue
         _, ce, kl, _ = distill_loss(logits, gold, t["topk_ids"], t["topk_logprobs"], t["tail_logprob"],
                                     t["gold_logprob"], t["log_partition"], tail="bucket", weighting="constant")
         sums += torch.stack([ce.sum(), kl.sum(), -t["gold_logprob"].sum(), torch.tensor(float(len(gold)))]).double()
@@ -570,7 +572,8 @@ def train(args):
         torch.manual_seed(args.seed)                                    # the adapters' initialisation
         nano.add_lora(raw, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
     raw.gradient_checkpointing = args.gradient_checkpointing
-    trainable = [p for p in raw.parameters() if p.requires_grad]
+    if lora and args.fsdp:
+        raise SystemExit("--fsdp is for full fine-tuning; LoRA trains few weights and runs under plain DDP")
 
     # -- data: every stored conversation, the last --eval-conversations held out -------------------------
     lengths, rows_per_conversation = store.lengths()
@@ -599,7 +602,8 @@ def train(args):
                          f"({args.grad_accum} × {world} ranks); lower --batch-size or --grad-accum")
 
     # -- optimizer, resume ----------------------------------------------------------------------------
-    model = nano.parallelize(raw, device)
+    model = nano.parallelize(raw, device, fsdp=args.fsdp)
+    trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     start_step = 0
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -641,12 +645,13 @@ def train(args):
             log(result)
 
     def checkpoint(step):
+        weights, optim_state = nano.full_state_dict(model, optimizer)       # a collective under FSDP
         if rank == 0:
-            state = {"step": step, "optimizer": optimizer.state_dict()}
+            state = {"step": step, "optimizer": optim_state}
             if lora:
                 state["lora"] = nano.lora_state_dict(raw)
             nano.save_checkpoint(args.out, step, raw, state, tokenizer_dir=tok_dir, keep=args.keep,
-                                 state_dict=nano.merged_state_dict(raw) if lora else None)
+                                 state_dict=nano.merged_state_dict(raw) if lora else weights)
         if dist.is_initialized():
             dist.barrier()
 
@@ -700,8 +705,9 @@ def train(args):
 
     # -- final model ------------------------------------------------------------------------------------
     checkpoint(total_steps)
+    weights = nano.full_state_dict(model)[0]                             # a collective under FSDP
     if rank == 0:
-        raw.save_pretrained(args.out, tokenizer_dir=tok_dir, state_dict=nano.merged_state_dict(raw) if lora else None)
+        raw.save_pretrained(args.out, tokenizer_dir=tok_dir, state_dict=nano.merged_state_dict(raw) if lora else weights)
         if lora:
             nano.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.student))
         nano.print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
@@ -779,6 +785,8 @@ def parse_args(argv=None):
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="student weight dtype (on CUDA the matmuls run in bf16 autocast either way)")
     t.add_argument("--seed", type=int, default=0, help="data order, dropout, adapter init")

@@ -365,8 +365,10 @@ class Transformer(nn.Module):
         self.source_dir = None            # the HF directory this model was loaded from (tokenizer files live there)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, doc_ids=None, cache=None, return_hidden=False):
-        """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, d) with return_hidden.
+    def forward(self, input_ids, doc_ids=None, cache=None, return_hidden=False, logits_at=None):
+        """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, d) with return_hidden,
+        or with logits_at (N,) -- flat indices into the B·T positions -- the logits (N, V) of those
+        positions only (the head inside the forward, so DDP/FSDP see it; no B×T×V tensor).
 
         doc_ids (B, T): document index of each position, for packed sequences: attention stays inside
         each document and RoPE positions restart at each document's start.
@@ -395,6 +397,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
+        if logits_at is not None:
+            return self.lm_head(x.flatten(0, 1)[logits_at])                  # (N, V)
         return x if return_hidden else self.lm_head(x)
 
     # -- construction ------------------------------------------------------------------------------

@@ -439,3 +439,14 @@ def test_ddp_dump_and_train_equal_one_process(env, tmp_path):
     a, b = weights(one), weights(two)
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
     assert [r["loss"] for r in read_metrics(one)] == pytest.approx([r["loss"] for r in read_metrics(two)], rel=1e-5)
+    # FSDP2 (sharded weights, gradients and optimizer state) trains and evaluates the same; 3 held-out
+    # conversations do not split evenly over 2 ranks, so a rank runs a spare forward (else FSDP would hang)
+    held = ["--eval-conversations", "3"]
+    one_held, sharded = str(tmp_path / "one_held"), str(tmp_path / "fsdp")
+    distill.main(train_args(env, one_held, *common, *held))
+    torchrun(*train_args(env, sharded, *common, *held), "--grad-accum", "1", "--fsdp")
+    a, c = weights(one_held), weights(sharded)
+    assert all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)
+    m1, m2 = read_metrics(one_held), read_metrics(sharded)
+    assert [r.get("loss", r.get("eval_ce")) for r in m1] == pytest.approx([r.get("loss", r.get("eval_ce")) for r in m2], rel=1e-5)
+    assert any("eval_ce" in r for r in m2)
