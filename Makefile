@@ -1,5 +1,5 @@
 # make test: install into .venv (first time only) and run the test suite on CPU.
-# make demo: the whole pipeline end to end on the embedded samples.
+# make demo: the whole pipeline end to end on the embedded samples (DATA=../shared/data for real corpora).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +16,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed
-	@echo "make demo: the end-to-end pipeline lands with its stages (issue 9); nothing to run yet" && exit 1
+	PY=$(PY) ./demo.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
