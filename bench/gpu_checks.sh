@@ -1,16 +1,26 @@
 #!/bin/sh
-# Everything flash_attention.py needs a GPU for, in one command, from the repository root:
+# Every check that needs a GPU, in one command, from the repository root (nothing here runs in CI):
 #     sh bench/gpu_checks.sh 2>&1 | tee gpu_checks.log
-# 1. the CPU test file, now on CUDA (compiled kernels, fp32 with IEEE dots and fp16);
+# 1. the kernel's tests and the whole model through the kernel, on CUDA (compiled kernels, fp32 with
+#    IEEE dots and fp16);
 # 2. what the compiler says about every kernel variant (registers, spills, shared memory);
 # 3. bf16 accuracy vs an fp32 reference, next to SDPA's (d64/d128, N up to 16k);
-# 4. the speed table vs SDPA's flash and cuDNN backends and the dense-mask baseline.
-# Not yet timed end to end (written without a GPU at hand); if one call must stay under ~10 minutes,
-# run steps 1-2 and steps 3-4 as two calls. Block sizes are retuned with `python bench/attention.py --sweep`.
+# 4. the attention speed table vs SDPA's flash and cuDNN backends and the dense-mask baseline;
+# 5. model.py vs transformers, forward+backward (Qwen3-0.6B shape, bf16);
+# 6. pretrain.py's training step vs a plain transformers loop (Qwen3-1.7B shape, 4×2048, bf16).
+# Not yet timed end to end (written without a GPU at hand); on a machine that stops a command after
+# ~10 minutes, run it in two halves (STEPS="1 2 3" then STEPS="4 5 6").
 set -e
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
-$PYTHON -m pytest -q tests/test_flash_attention.py
-$PYTHON bench/compile_check.py
-$PYTHON bench/attention.py --check
-$PYTHON bench/attention.py
+STEPS=${STEPS:-"1 2 3 4 5 6"}
+for s in $STEPS; do
+  case $s in
+    1) $PYTHON -m pytest -q tests/test_flash_attention.py tests/test_model_triton.py ;;
+    2) $PYTHON bench/compile_check.py ;;
+    3) $PYTHON bench/attention.py --check ;;
+    4) $PYTHON bench/attention.py ;;
+    5) $PYTHON bench/forward.py --preset gpu ;;
+    6) $PYTHON bench/train.py --preset gpu ;;
+  esac
+done
