@@ -888,6 +888,8 @@ def parallelize(model, device, fsdp=False, mixed_precision=None, cpu_offload=Fal
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
         kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32))
         if cpu_offload:
+            if device.type != "cuda":
+                raise ValueError("CPU offload moves FSDP's shards off the GPUs into pinned memory: it needs CUDA")
             kw["offload_policy"] = CPUOffloadPolicy()
         for layer in model.model.layers:
             fully_shard(layer, **kw)

@@ -109,6 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun, shard weights, gradients and optimiser state over GPUs (FSDP2) instead of "
                         "replicating them (DDP): what full training of a 7B model needs; the reference is sharded too")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="with --fsdp: keep the sharded weights, gradients and optimiser state in CPU memory "
+                        "(the optimiser step runs on the CPU): slower, for models the GPUs cannot hold")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer in the backward pass: less memory, about 1/3 more compute")
@@ -137,6 +140,8 @@ def parse_args(argv=None):
                 "pass --kl-weight 0, or --kl-ref DIR")
     if not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
+    if args.cpu_offload and not args.fsdp:
+        p.error("--cpu-offload offloads FSDP's shards: it needs --fsdp")
     args.tokenizer = args.tokenizer or args.model
     args.cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "token_cache")
     return args
@@ -730,7 +735,7 @@ def main(argv=None):
     # MFU counts the reference's forward pass too (a third of a training step's FLOPs per weight)
     flops_per_token = raw.flops_per_token(T) + (ref.flops_per_token(T) / 3 if ref is not None else 0)
     model = parallelize(raw, device, fsdp=args.fsdp, mixed_precision=compute_dtype if cuda else None,
-                        compile=args.compile)                 # DDP or FSDP2 under torchrun; `raw` itself otherwise
+                        cpu_offload=args.cpu_offload, compile=args.compile)                 # DDP or FSDP2 under torchrun; `raw` itself otherwise
     if ref is not None:
         ref = parallelize(ref, device, fsdp=args.fsdp)        # sharded under FSDP, left whole under DDP
     trained = [p for p in raw.parameters() if p.requires_grad]  # (after FSDP swapped in its sharded parameters)

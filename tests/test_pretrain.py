@@ -382,6 +382,31 @@ def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path, caps
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_fsdp_sharded_checkpoint_resumes(corpus, base, tmp_path):
+    """Under FSDP2 the checkpoint is gathered from the shards (weights and optimiser state); killed
+    after it and resumed, again sharded over 2 ranks, the run continues exactly as the uninterrupted one."""
+    common = ["--model", str(base), "--data", str(corpus / "ru.txt"), "--batch-size", "1", "--grad-accum", "1",
+              "--max-steps", "4", "--eval-every", "0", "--save-every", "2", "--fsdp"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = run_subprocess([*common, *common_args(full, tmp_path / "cache")], torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    killed = run_subprocess([*common, *common_args(cut, tmp_path / "cache")], {"NANOADAPT_KILL_AT_STEP": "3"},
+                            torchrun=2)
+    assert killed.returncode != 0 and not (cut / "config.json").exists()
+    assert (cut / "checkpoints" / "step_000002" / "trainer_state.pt").exists()
+    r = run_subprocess([*common, *common_args(cut, tmp_path / "cache"), "--resume"], torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = metrics(full), metrics(cut)
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        for key in x:
+            if key not in ("tokens_per_s", "mfu"):
+                assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-8), (x["step"], key)
+    w1, w2 = Transformer.from_pretrained(str(full)), Transformer.from_pretrained(str(cut))
+    for (k, p), q in zip(w1.state_dict().items(), w2.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=k)
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: one clear message
 # ------------------------------------------------------------------------------------------------
