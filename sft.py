@@ -271,6 +271,7 @@ def main(argv=None):
 
     # -- optimizer, resume ---------------------------------------------------------------------------
     model = M.parallelize(raw, device, fsdp=args.fsdp)
+    trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     start_step = 0
     metrics_path = os.path.join(args.out, "metrics.jsonl")

@@ -326,3 +326,14 @@ def test_loss_is_normalised_over_the_global_batch(tmp_path):
                    capture_output=True, timeout=300)
     ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
     assert losses(ddp) == pytest.approx(one_micro, rel=1e-5)
+
+    # FSDP2: weights, gradients and optimizer state sharded over the two ranks, the same losses
+    fsdp_out = str(tmp_path / "fsdp")
+    cmd[cmd.index(str(tmp_path / "ddp"))] = fsdp_out
+    r = subprocess.run(cmd + ["--fsdp"], env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fsdp = [json.loads(line) for line in open(os.path.join(fsdp_out, "metrics.jsonl"))]
+    assert losses(fsdp) == pytest.approx(one_micro, rel=1e-5)
+    assert [r["val_loss"] for r in fsdp if "val_loss" in r] == \
+        pytest.approx([r["val_loss"] for r in ddp if "val_loss" in r], rel=1e-5)
