@@ -606,7 +606,6 @@ def train(args):
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     start_step = 0
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
     if ckpt is not None:
         state = nano.load_trainer_state(ckpt)
         if lora:
@@ -614,11 +613,7 @@ def train(args):
         nano.load_optimizer_state(model, optimizer, state["optimizer"])
         start_step = state["step"]
         nano.print0(f"resumed from {ckpt} at step {start_step}")
-        if rank == 0 and os.path.isfile(metrics_path):                # drop records of steps after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
+    log = nano.metrics_logger(args.out, start_step)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         write_json_atomic(os.path.join(args.out, "args.json"), vars(args))
@@ -631,11 +626,6 @@ def train(args):
     peak = nano.gpu_peak_flops(device)
     # frozen weights get no weight gradient: about 4 instead of 6 FLOPs per parameter and token
     flops_per_token = raw.flops_per_token(args.seq_len) * (4 / 6 if lora else 1)
-
-    def log(record):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
     def evaluate(step):
         if n_eval:

@@ -842,6 +842,27 @@ def save_checkpoint(run_dir, step, model, trainer_state, tokenizer_dir=None, kee
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
 
 
+def metrics_logger(run_dir, resume_step=0):
+    """metrics.jsonl in the run directory, one JSON object per logged step, written by rank 0. The file
+    starts afresh, except that a resumed run keeps what was logged up to its checkpoint (and drops what
+    the interrupted run logged after it), so the file always reads as one clean run. Returns log(record)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if is_rank0():
+        os.makedirs(run_dir, exist_ok=True)
+        kept = []
+        if resume_step and os.path.isfile(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def log(record):
+        if is_rank0():
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    return log
+
+
 def latest_checkpoint(run_dir):
     """The newest complete checkpoint directory, or None (temporary dirs start with '.', so are skipped)."""
     root = os.path.join(run_dir, "checkpoints")

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import (Config, Transformer, full_state_dict, gpu_peak_flops, init_distributed, latest_checkpoint,
-                   load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, parallelize, save_checkpoint,
-                   set_grad_sync)
+                   load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger, parallelize,
+                   save_checkpoint, set_grad_sync)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -769,24 +769,12 @@ def main(argv=None):
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         log(f"resumed from {ckpt} at step {start_step}")
 
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         print(json.dumps(run_args, indent=2), flush=True)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(run_args, f, indent=2)
-        # a resumed run drops what the interrupted one logged after its checkpoint
-        kept = []
-        if start_step and os.path.isfile(metrics_path):
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-
-    def record(entry):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+    record = metrics_logger(args.out, start_step)
 
     def evaluate(step):
         bpb = evaluate_bpb(raw, eval_sets, B, T, device, autocast, rank, world, args.loss_chunk)

@@ -274,7 +274,6 @@ def main(argv=None):
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     start_step = 0
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
     if ckpt is not None:
         state = M.load_trainer_state(ckpt)
         if lora:
@@ -282,16 +281,7 @@ def main(argv=None):
         M.load_optimizer_state(model, optimizer, state["optimizer"])
         start_step = state["step"]
         print0(f"resumed from {ckpt} at step {start_step}")
-        if rank == 0 and os.path.isfile(metrics_path):          # drop records of steps after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-
-    def log(record):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    log = M.metrics_logger(args.out, start_step)
 
     def checkpoint(step):
         weights, optim_state = M.full_state_dict(model, optimizer)     # a collective under FSDP
