@@ -24,7 +24,7 @@ if [ "$DATA" = "data" ]; then             # the embedded samples written for thi
   CHAT="data/chat_ru.jsonl data/chat_ru_alpaca.jsonl"; MC="data/mc_ru.jsonl data/mc_en.jsonl"
   PROMPTS=data/prompts_ru.txt
   BASE_VOCAB=1000; RU_VOCAB=3000; HIDDEN=128; LAYERS=4; TEACHER_HIDDEN=192; TEACHER_LAYERS=6
-  SEQ=128; BASE_STEPS=500; RU_STEPS=300; SFT_STEPS=80; TEACHER_STEPS=400; MAX_CHARS=8000
+  SEQ=128; BASE_STEPS=400; RU_STEPS=250; SFT_STEPS=60; TEACHER_STEPS=300; MAX_CHARS=8000
 else                                        # real corpora, e.g. DATA=../shared/data
   EN="$DATA/en"; RU="$DATA/ru"
   EN_EVAL="$DATA/en/pg1661_doyle_adventures_of_sherlock_holmes.txt"; RU_EVAL="$DATA/ru/Turgenev_Rudin.txt"
