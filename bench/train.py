@@ -10,7 +10,8 @@ Contenders, each with fused AdamW (on CUDA), bf16 autocast, the same batch and t
   nanoadapt + act. checkpointing  the same, recomputing each layer in the backward pass
 Prints tokens/s, MFU (against the detected GPU's peak) and peak memory, with ratios to the eager
 transformers loop. --max-layers N also searches, by doubling then bisection, the deepest model of this
-width each contender trains without running out of memory (slow: one try per depth).
+width each contender trains without running out of GPU memory, plus nanoadapt under FSDP2 with CPU
+offload on the one GPU (slow: one try per depth).
 """
 import argparse
 import gc
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from model import Config, Transformer, gpu_peak_flops  # noqa: E402
+from model import Config, Transformer, gpu_peak_flops, parallelize  # noqa: E402
 from pretrain import loss_sums  # noqa: E402
 
 PRESETS = {
@@ -74,6 +75,12 @@ def make_step(kind, p, layers, device):
     if "compiled" in kind:
         for layer in model.model.layers:
             layer.compile()
+    if "offload" in kind:         # FSDP2 over one GPU: weights, gradients and AdamW state live in CPU memory
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+        model = parallelize(model, device, fsdp=True, mixed_precision=torch.bfloat16, cpu_offload=True)
+        fused = False                                                              # the step runs on the CPU
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)   # (B, T): next token
 
@@ -182,7 +189,7 @@ def main():
 
     if args.max_layers:
         print(f"\ndeepest model of this width that trains on one {name} (layers, ≤ {args.max_layers}):")
-        for kind in kinds:
+        for kind in kinds + (["nanoadapt FSDP + CPU offload"] if device.type == "cuda" else []):
             print(f"| {kind} | {deepest(kind, p, device, args.max_layers)} |")
 
 
