@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--input", nargs="+", required=True, metavar="PATH[:WEIGHT]",
-                   help=".txt (a line is a training sentence) or .jsonl (field 'text') files; WEIGHT is how many "
+                   help=".txt (a line is a training sentence) or .jsonl (field 'text') files, or directories of them; WEIGHT is how many "
                         "times each line is used on average: 0.3 keeps 30%% of the lines at random, 2 uses each twice")
     p.add_argument("--input-sentence-size", type=int, default=2_000_000,
                    help="lines sentencepiece samples (reservoir sampling, so the corpus may exceed memory); 0 = all")
@@ -75,7 +75,7 @@ def parse_args(argv=None):
 
 
 def parse_input(spec):
-    """"path" or "path:weight" -> (Path, float); the path must exist."""
+    """"path" or "path:weight" -> [(Path, float)]; a directory stands for its .txt/.jsonl files (sorted)."""
     path, weight = spec, 1.0
     if ":" in spec and not Path(spec).exists():
         path, w = spec.rsplit(":", 1)
@@ -83,11 +83,16 @@ def parse_input(spec):
             weight = float(w)
         except ValueError:
             raise SystemExit(f"--input {spec}: weight {w!r} is not a number") from None
-    if not Path(path).is_file():
-        raise SystemExit(f"--input {spec}: file {path} not found")
     if weight < 0:
         raise SystemExit(f"--input {spec}: weight must be >= 0")
-    return Path(path), weight
+    if Path(path).is_dir():
+        files = sorted(f for f in Path(path).rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file())
+        if not files:
+            raise SystemExit(f"--input {spec}: directory {path} holds no .txt or .jsonl file")
+        return [(f, weight) for f in files]
+    if not Path(path).is_file():
+        raise SystemExit(f"--input {spec}: file {path} not found")
+    return [(Path(path), weight)]
 
 
 def read_texts(path):
@@ -141,7 +146,7 @@ def training_lines(inputs, max_chars, rng, progress=None):
 
 def train(args):
     """Train the SentencePiece model; returns its serialized bytes."""
-    inputs = [parse_input(s) for s in args.input]
+    inputs = [pair for s in args.input for pair in parse_input(s)]
     rng = random.Random(args.seed)
     spm.set_random_generator_seed(args.seed)
     model = io.BytesIO()

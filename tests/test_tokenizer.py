@@ -216,3 +216,15 @@ def test_llama2_tokenizer_json_matches_sentencepiece(tmp_path):
         assert hf.encode(text, add_special_tokens=False) == sp.encode(text)
     tok = load_tokenizer(tmp_path)
     assert tok.encode(texts[2]) == sp.encode(texts[2]) and tok.vocab_size == 32000
+
+
+def test_input_directory_stands_for_its_text_files(tmp_path):
+    """--input DIR[:W]: every .txt/.jsonl file below it, each with the weight; nothing else."""
+    (tmp_path / "sub").mkdir()
+    for name in ("b.txt", "a.jsonl", "sub/c.txt", "notes.md"):
+        (tmp_path / name).write_text("x\n")
+    got = train_tokenizer.parse_input(f"{tmp_path}:0.5")
+    assert got == [(tmp_path / "a.jsonl", 0.5), (tmp_path / "b.txt", 0.5), (tmp_path / "sub" / "c.txt", 0.5)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds no .txt or .jsonl file"):
+        train_tokenizer.parse_input(str(tmp_path / "empty"))
