@@ -24,15 +24,16 @@ if [ "$DATA" = "data" ]; then             # the embedded samples written for thi
   CHAT="data/chat_ru.jsonl data/chat_ru_alpaca.jsonl"; MC="data/mc_ru.jsonl data/mc_en.jsonl"
   PROMPTS=data/prompts_ru.txt
   BASE_VOCAB=1000; RU_VOCAB=3000; HIDDEN=128; LAYERS=4; TEACHER_HIDDEN=192; TEACHER_LAYERS=6
-  SEQ=128; BASE_STEPS=400; RU_STEPS=250; SFT_STEPS=60; TEACHER_STEPS=300; MAX_CHARS=8000
+  SEQ=128; BASE_STEPS=400; RU_STEPS=250; SFT_STEPS=60; TEACHER_STEPS=300; MAX_CHARS=8000; EVAL_LEN=256
 else                                        # real corpora, e.g. DATA=../shared/data
   EN="$DATA/en"; RU="$DATA/ru"
   EN_EVAL="$DATA/en/pg1661_doyle_adventures_of_sherlock_holmes.txt"; RU_EVAL="$DATA/ru/Turgenev_Rudin.txt"
   CHAT="$DATA/chat/ru_seed_tasks.messages.jsonl $DATA/chat/ru_saiga_tasks.alpaca.jsonl"
   MC="$DATA/bench/ru_mmlu.jsonl $DATA/bench/ru_openbookqa.jsonl $DATA/bench/ru_parus.jsonl $DATA/bench/en_mmlu.jsonl"
   PROMPTS=data/prompts_ru.txt
-  BASE_VOCAB=8000; RU_VOCAB=16000; HIDDEN=256; LAYERS=6; TEACHER_HIDDEN=384; TEACHER_LAYERS=8
-  SEQ=256; BASE_STEPS=600; RU_STEPS=400; SFT_STEPS=150; TEACHER_STEPS=600; MAX_CHARS=40000
+  BASE_VOCAB=8000; RU_VOCAB=16000; HIDDEN=192; LAYERS=4; TEACHER_HIDDEN=256; TEACHER_LAYERS=6
+  SEQ=256; BASE_STEPS=400; RU_STEPS=300; SFT_STEPS=100; TEACHER_STEPS=300; MAX_CHARS=20000
+  EVAL_LEN=1024             # byte-level Russian under the English base makes ruMMLU choices long
 fi
 
 step() { echo; echo "=== $*"; }
@@ -85,4 +86,4 @@ $PY distill.py train --student $OUT/pretrained --store $OUT/topk_store --lr 1e-3
 step "7. every stage side by side"
 $PY evaluate.py --models $OUT/base $OUT/adapted $OUT/pretrained $OUT/sft $OUT/distilled $OUT/teacher \
   --text $RU_EVAL $EN_EVAL --mc $MC --prompts $PROMPTS --max-chars $MAX_CHARS --max-prompts 4 \
-  --max-new-tokens 48 --max-len 256 --stride 128 --out $OUT/report.json | tee $OUT/report.md
+  --max-new-tokens 48 --max-len $EVAL_LEN --stride $((EVAL_LEN / 2)) --out $OUT/report.json | tee $OUT/report.md
