@@ -79,7 +79,8 @@ $PY pretrain.py --init-config $OUT/teacher_config.json --tokenizer $OUT/adapted 
 $PY sft.py --model $OUT/teacher_base --data $CHAT --chat-template chatml --lr 1e-3 --warmup-steps 5 \
   --seq-len 256 --batch-size 4 --grad-accum 1 --max-steps $SFT_STEPS --save-every 0 --eval-every 0 \
   --log-every 10 --samples 0 --out $OUT/teacher
-$PY distill.py dump --teacher $OUT/teacher --data $CHAT --chat-template chatml --top-k 32 --out $OUT/topk_store
+$PY distill.py dump --teacher $OUT/teacher --data $CHAT --chat-template chatml --top-k 32 --max-len 256 \
+  --out $OUT/topk_store
 $PY distill.py train --student $OUT/pretrained --store $OUT/topk_store --lr 1e-3 --warmup-steps 5 \
   --seq-len 256 --batch-size 4 --grad-accum 1 --max-steps $SFT_STEPS --save-every 0 --out $OUT/distilled
 
