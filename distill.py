@@ -605,14 +605,7 @@ def train(args):
     model = nano.parallelize(raw, device, fsdp=args.fsdp)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-    start_step = 0
-    if ckpt is not None:
-        state = nano.load_trainer_state(ckpt)
-        if lora:
-            nano.load_lora_state_dict(raw, state["lora"], ckpt)
-        nano.load_optimizer_state(model, optimizer, state["optimizer"])
-        start_step = state["step"]
-        nano.print0(f"resumed from {ckpt} at step {start_step}")
+    start_step = nano.resume_training(ckpt, model, optimizer, lora) if ckpt is not None else 0
     log = nano.metrics_logger(args.out, start_step)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)

@@ -842,6 +842,18 @@ def save_checkpoint(run_dir, step, model, trainer_state, tokenizer_dir=None, kee
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
 
 
+def resume_training(ckpt_dir, model, optimizer, lora=False):
+    """Restore what a checkpoint written by sft.py / distill.py holds: the optimizer state (sharded again
+    under FSDP) and, for LoRA, the adapter (the checkpoint's weights are the merged model, so a LoRA run
+    resumes from its base plus this adapter). Returns the step to continue from."""
+    state = load_trainer_state(ckpt_dir)
+    if lora:
+        load_lora_state_dict(unwrap(model), state["lora"], ckpt_dir)
+    load_optimizer_state(model, optimizer, state["optimizer"])
+    print0(f"resumed from {ckpt_dir} at step {state['step']}")
+    return state["step"]
+
+
 def metrics_logger(run_dir, resume_step=0):
     """metrics.jsonl in the run directory, one JSON object per logged step, written by rank 0. The file
     starts afresh, except that a resumed run keeps what was logged up to its checkpoint (and drops what

@@ -273,14 +273,7 @@ def main(argv=None):
     model = M.parallelize(raw, device, fsdp=args.fsdp)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-    start_step = 0
-    if ckpt is not None:
-        state = M.load_trainer_state(ckpt)
-        if lora:
-            M.load_lora_state_dict(raw, state["lora"], ckpt)
-        M.load_optimizer_state(model, optimizer, state["optimizer"])
-        start_step = state["step"]
-        print0(f"resumed from {ckpt} at step {start_step}")
+    start_step = M.resume_training(ckpt, model, optimizer, lora) if ckpt is not None else 0
     log = M.metrics_logger(args.out, start_step)
 
     def checkpoint(step):
