@@ -354,6 +354,17 @@ def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
             torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=f"{mode} {k}")
 
 
+def assert_same_run(a, b, full, cut):
+    """Every logged number but the timings, and the final weights, of two runs agree."""
+    for x, y in zip(a, b):
+        for key in x:
+            if key not in ("tokens_per_s", "mfu"):
+                assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-8), (x["step"], key)
+    w1, w2 = Transformer.from_pretrained(str(full)), Transformer.from_pretrained(str(cut))
+    for (k, p), q in zip(w1.state_dict().items(), w2.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=k)
+
+
 def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path, capsys):
     """SIGKILL at step 5 (after the step-4 checkpoint); --resume continues from step 4 and every
     logged number after it equals the uninterrupted run's."""
@@ -373,13 +384,7 @@ def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path, caps
     assert f"resumed from {cut / 'checkpoints' / 'step_000004'} at step 4" in capsys.readouterr().out
     a, b = metrics(full), metrics(cut)
     assert [m["step"] for m in a] == [m["step"] for m in b]          # the interrupted run's step 5 was dropped
-    for x, y in zip(a, b):
-        for key in x:
-            if key not in ("tokens_per_s", "mfu"):
-                assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-8), (x["step"], key)
-    w1, w2 = Transformer.from_pretrained(str(full)), Transformer.from_pretrained(str(cut))
-    for (k, p), q in zip(w1.state_dict().items(), w2.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=k)
+    assert_same_run(a, b, full, cut)
 
 
 def test_fsdp_sharded_checkpoint_resumes(corpus, base, tmp_path):
@@ -398,13 +403,7 @@ def test_fsdp_sharded_checkpoint_resumes(corpus, base, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = metrics(full), metrics(cut)
     assert [m["step"] for m in a] == [m["step"] for m in b]
-    for x, y in zip(a, b):
-        for key in x:
-            if key not in ("tokens_per_s", "mfu"):
-                assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-8), (x["step"], key)
-    w1, w2 = Transformer.from_pretrained(str(full)), Transformer.from_pretrained(str(cut))
-    for (k, p), q in zip(w1.state_dict().items(), w2.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=k)
+    assert_same_run(a, b, full, cut)
 
 
 # ------------------------------------------------------------------------------------------------
