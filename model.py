@@ -556,6 +556,16 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
                 gen = json.load(f)
         gen.update({k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                                       ("pad_token_id", cfg.pad_token_id)) if v is not None})
+        tok_src = tokenizer_dir or model.source_dir
+        has_tokenizer = tok_src and any(os.path.isfile(os.path.join(tok_src, n)) for n in TOKENIZER_FILES)
+        if tok_src and any(os.path.isfile(os.path.join(tok_src, n)) for n in ("tokenizer.model", "tokenizer.json")):
+            # rows past the tokenizer's last id (vocabulary padding) have no token: transformers'
+            # generate must never pick them. Recomputed at every save, never inherited: resize_vocab
+            # renumbers the vocabulary and sft.py puts new special tokens into former padding rows.
+            gen.pop("suppress_tokens", None)
+            padding = list(range(load_tokenizer(tok_src).vocab_size, cfg.vocab_size))
+            if padding:
+                gen["suppress_tokens"] = padding
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(gen, f, indent=2)
 
@@ -581,8 +591,7 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-        tok_src = tokenizer_dir or model.source_dir
-        if tok_src:
+        if has_tokenizer:
             for name in TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(tok_src, name)):
                     shutil.copy2(os.path.join(tok_src, name), os.path.join(tmp, name))

@@ -20,7 +20,8 @@ Row initialisation, for the input embeddings and, separately, an untied LM head 
   * a token the base spells with <unk> or not at all, and a special token the base lacks: the mean of all base
     rows ("global mean").
 The vocabulary is padded to a multiple of --pad-to-multiple rows (tensor-core shapes); padding rows are zero,
-the tokenizer never produces them, and generation must not sample them (model.generate's vocab_limit).
+the tokenizer never produces them, and generation must not sample them (model.generate's vocab_limit;
+generation_config.json lists them as suppress_tokens for transformers' generate).
 
 Writes --out/ (a Hugging Face model directory, all at once): config.json with the new vocab_size and token ids,
 weights, tokenizer files, and resize_vocab.json, the report printed at the end.

@@ -242,3 +242,40 @@ def test_save_into_a_run_directory_keeps_other_files(tmp_path):
     assert "model.safetensors.index.json" not in names
     again = Transformer.from_pretrained(run)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_padding_rows_are_suppressed_for_transformers_generate(tmp_path):
+    """Rows past the tokenizer's last id are listed in generation_config.json's suppress_tokens, so that
+    transformers' generate never picks them; the list follows the tokenizer saved, not the source's."""
+    import transformers
+    from tokenizer import write_hf_tokenizer_files
+    from tokenizer_samples import EN, train_sp
+    tok_dir = tmp_path / "tok"
+    write_hf_tokenizer_files(train_sp(tmp_path / "sp.model", EN, 100, byte_fallback=False), tok_dir)
+    n_tok = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])   # 100 pieces
+    make_hf_model("llama", tmp_path / "base", vocab_size=128)
+    # a stale list inherited from the source must not survive (its ids may mean other tokens now)
+    gen_path = tmp_path / "base" / "generation_config.json"
+    gen_path.write_text(json.dumps({**json.loads(gen_path.read_text()), "suppress_tokens": [5]}))
+    model = Transformer.from_pretrained(tmp_path / "base")
+    prompt = tokens(1, 5, vocab=n_tok)
+    with torch.no_grad():                  # make a padding row the most likely next token
+        best = model(prompt)[0, -1, :n_tok].argmax()
+        model.lm_head.weight[n_tok:] = 3 * model.lm_head.weight[best]
+    model.save_pretrained(tmp_path / "padded", tokenizer_dir=tok_dir)
+    gen = json.loads((tmp_path / "padded" / "generation_config.json").read_text())
+    assert gen["suppress_tokens"] == list(range(100, 128)) and n_tok == 100
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "padded", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert hf(prompt).logits[0, -1].argmax() >= n_tok     # unsuppressed, a padding row would win
+        out = hf.generate(prompt, max_new_tokens=6, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, pad_token_id=0)
+    assert (out.sequences[0, 5:] < n_tok).all()
+    for scores in out.scores:                                 # (1, V) after the logits processors
+        assert torch.isinf(scores[0, n_tok:]).all() and torch.isfinite(scores[0, :n_tok]).all()
+
+    # a tokenizer that fills every row: nothing to suppress
+    make_hf_model("llama", tmp_path / "exact", vocab_size=100)
+    Transformer.from_pretrained(tmp_path / "exact").save_pretrained(tmp_path / "exact_out", tokenizer_dir=tok_dir)
+    assert "suppress_tokens" not in json.loads((tmp_path / "exact_out" / "generation_config.json").read_text())

@@ -112,6 +112,8 @@ def test_replace(work, new_tok, base_sp, mistral_base):
     check_rows(model.lm_head.weight, base.lm_head.weight, pieces, work / "base.model", added)
     report = json.loads((out / "resize_vocab.json").read_text())
     assert report["copied"] + report["averaged"] + report["global_mean"] == 601 and report["padding"] == 39
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["suppress_tokens"] == list(range(601, 640))   # transformers' generate never picks a padding row
     assert report["roles"] == {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     assert report["averaged_examples"] and report["global_mean_tokens"] == ["<|im_start|>", "<|im_end|>"]
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
