@@ -73,17 +73,14 @@ def read_utf8(path):
 
 
 def jsonl_records(path):
-    """(line number, dict) for every non-empty line; a line that is not a JSON object names file and line."""
-    for n, line in enumerate(read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-        yield n, record
+    """(line number, dict) per non-empty line: model.jsonl_records, its errors as InputError."""
+    from model import jsonl_records as records
+    try:
+        yield from records(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def read_text(path, max_chars):

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 # Tokenizers and chat templates live in tokenizer.py; re-exported here so every script imports from model.
 from tokenizer import (CHAT_ROLES, CHAT_SPECIAL_TOKENS, CHAT_TEMPLATES, TOKENIZER_FILES,  # noqa: F401
-                       chat_prompt, check_messages, choose_chat_template, load_tokenizer, pack_greedy,
-                       read_conversations, render_chat, render_conversations, write_chat_tokenizer)
+                       chat_prompt, check_messages, choose_chat_template, jsonl_records, jsonl_texts,
+                       load_tokenizer, pack_greedy, read_conversations, render_chat, render_conversations, write_chat_tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------

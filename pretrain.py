@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (Config, Transformer, full_state_dict, gpu_peak_flops, init_distributed, latest_checkpoint,
-                   load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger, parallelize,
+from model import (Config, Transformer, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
+                   latest_checkpoint, load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger, parallelize,
                    save_checkpoint, set_grad_sync)
 
 
@@ -183,30 +183,20 @@ CACHE_VERSION = 1
 def read_documents(path):
     """The documents of one file: paragraphs separated by a blank line (.txt), or the 'text' field of
     each line (.jsonl). A .txt without blank lines is one document; packing cuts it into rows."""
+    if path.endswith(".jsonl"):
+        yield from (text for text in jsonl_texts(path) if text.strip())
+        return
     try:
         with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
-                    if obj["text"].strip():
-                        yield obj["text"]
-            else:
-                lines = []
-                for line in f:
-                    if line.strip():
-                        lines.append(line)
-                    elif lines:
-                        yield "".join(lines).rstrip("\n")
-                        lines = []
-                if lines:
+            lines = []
+            for line in f:
+                if line.strip():
+                    lines.append(line)
+                elif lines:
                     yield "".join(lines).rstrip("\n")
+                    lines = []
+            if lines:
+                yield "".join(lines).rstrip("\n")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 

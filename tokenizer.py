@@ -598,32 +598,52 @@ def check_messages(messages, where="conversation"):
         raise ValueError(f"{where}: no assistant turn (nothing to learn from)")
 
 
+def jsonl_records(path):
+    """(line number, dict) for every non-blank line of a .jsonl file, streamed. Every stage reads its .jsonl
+    inputs (corpora, chat data, benchmarks, prompts) through this one reader: errors name the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+                yield n, record
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def jsonl_texts(path):
+    """The 'text' field of every record of a .jsonl corpus (pretraining, tokenizer training, bits per byte)."""
+    for n, record in jsonl_records(path):
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{n}: expected a JSON object with a string field 'text'")
+        yield record["text"]
+
+
 def read_conversations(path) -> list:
     """A .jsonl file of conversations: {"messages": [...]} or Alpaca {"instruction", "input", "output"}
     (the user turn is the instruction, then the input after a blank line when there is one).
     Blank lines are skipped; errors name the file and line."""
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            if isinstance(record, dict) and "messages" in record:
-                messages = record["messages"]
-            elif isinstance(record, dict) and "instruction" in record and "output" in record:
-                if not all(isinstance(record.get(k, ""), str) for k in ("instruction", "input", "output")):
-                    raise ValueError(f"{where}: Alpaca fields 'instruction', 'input', 'output' must be strings")
-                user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-                messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-            else:
-                raise ValueError(f"{where}: expected {{\"messages\": [...]}} or Alpaca "
-                                 f"{{\"instruction\", \"input\", \"output\"}}")
-            check_messages(messages, where)
-            conversations.append(messages)
+    for n, record in jsonl_records(path):
+        where = f"{path}:{n}"
+        if "messages" in record:
+            messages = record["messages"]
+        elif "instruction" in record and "output" in record:
+            if not all(isinstance(record.get(k, ""), str) for k in ("instruction", "input", "output")):
+                raise ValueError(f"{where}: Alpaca fields 'instruction', 'input', 'output' must be strings")
+            user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+        else:
+            raise ValueError(f"{where}: expected {{\"messages\": [...]}} or Alpaca "
+                             f"{{\"instruction\", \"input\", \"output\"}}")
+        check_messages(messages, where)
+        conversations.append(messages)
     if not conversations:
         raise ValueError(f"{path}: no conversations (empty file)")
     return conversations

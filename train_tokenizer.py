@@ -32,7 +32,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
-from tokenizer import load_tokenizer, replace_dir, write_hf_tokenizer_files
+from tokenizer import jsonl_texts, load_tokenizer, replace_dir, write_hf_tokenizer_files
 
 TABLE1_SENTENCE = "Машинное обучение изменяет мир"  # Vikhr Table 1
 
@@ -98,17 +98,10 @@ def parse_input(spec):
 def read_texts(path):
     """Yield the texts of a .txt file (the whole file) or a .jsonl file (field 'text' of each line), streaming."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise SystemExit(f"{path}:{n}: expected a JSON object with a string field 'text'") from None
-                if not isinstance(text, str):
-                    raise SystemExit(f"{path}:{n}: field 'text' must be a string")
-                yield text
+        try:
+            yield from jsonl_texts(path)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     else:
         with open(path, encoding="utf-8") as f:
             yield from f  # line by line: never the whole file in memory

@@ -223,6 +223,7 @@ def test_pack_and_overlong_policy(chat_tokenizers):
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', "bad.jsonl:2: no assistant turn"),
     ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "bad.jsonl:2: message 0 has unknown role 'bot'"),
     ('{"prompt": "hi", "completion": "x"}\n', "bad.jsonl:2: expected"),
+    ('["hi"]\n', "bad.jsonl:2: expected a JSON object, got list"),
 ])
 def test_bad_input_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"

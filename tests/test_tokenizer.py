@@ -7,7 +7,8 @@ import pytest
 import sentencepiece as spm
 
 import train_tokenizer
-from tokenizer import JsonTokenizer, SentencePieceTokenizer, load_tokenizer, write_hf_tokenizer_files
+from tokenizer import (JsonTokenizer, SentencePieceTokenizer, jsonl_records, jsonl_texts, load_tokenizer,
+                       write_hf_tokenizer_files)
 from tokenizer_samples import EN, PARAGRAPH, RU, sp_without_dummy_prefix, train_sp, write_corpus
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -228,3 +229,20 @@ def test_input_directory_stands_for_its_text_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="holds no .txt or .jsonl file"):
         train_tokenizer.parse_input(str(tmp_path / "empty"))
+
+
+def test_jsonl_reader_names_file_and_line(tmp_path):
+    """The one .jsonl reader every stage uses: blank lines skipped, line numbers counted in the file."""
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "один"}\n\n   \n{"text": "два", "id": 7}\n', encoding="utf-8")
+    assert list(jsonl_records(good)) == [(1, {"text": "один"}), (4, {"text": "два", "id": 7})]
+    assert list(jsonl_texts(good)) == ["один", "два"]
+    for content, message in [('{"text": "a"}\n{"text": "b"\n', r"bad\.jsonl:2: not valid JSON"),
+                             ('{"text": "a"}\n\n[1, 2]\n', r"bad\.jsonl:3: expected a JSON object, got list"),
+                             ('{"text": "a"}\n{"text": 5}\n', r"bad\.jsonl:2: expected a JSON object with a string field 'text'")]:
+        (tmp_path / "bad.jsonl").write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            list(jsonl_texts(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: not UTF-8 text"):
+        list(jsonl_records(tmp_path / "bad.jsonl"))
