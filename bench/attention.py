@@ -4,6 +4,8 @@
     python bench/attention.py --check    # bf16 error vs an fp32 reference, ours and SDPA's
     python bench/attention.py --sweep    # time candidate block sizes (to choose flash_attention._GPU_CONFIGS)
     sh bench/gpu_checks.sh               # GPU tests, compile check, --check and the table, in one go
+    python bench/attention.py --smoke    # any of the above on tiny shapes on the CPU (Triton interpreter,
+                                         # fp16): tests this script, not the kernel; its timings mean nothing
 
 Speed: TFLOP/s counts only useful work: 4·B·Hq·D per visible (query, key) pair forward (so half of
 4·B·Hq·N²·D for causal, the in-window pairs for a window, the in-document pairs for packed
@@ -17,8 +19,12 @@ memory-efficient kernel). Times are medians of triton.testing.do_bench.
 import argparse
 import os
 import sys
+import time
 
-import torch
+SMOKE = "--smoke" in sys.argv  # read before triton is imported: the interpreter is chosen at import
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"
+import torch  # noqa: E402
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -26,7 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 import flash_attention as fa  # noqa: E402
 
-HQ, HKV = 32, 8
+DEVICE = "cpu" if SMOKE else "cuda"
+DTYPE = torch.float16 if SMOKE else torch.bfloat16  # numpy (the interpreter) has no bfloat16
+HQ, HKV = (4, 1) if SMOKE else (32, 8)
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -68,12 +76,12 @@ def visible_pairs(T, doc_start=None, window=None):
     return int((t - first + 1).sum())
 
 
-def make_inputs(B, T, D, hq=HQ, hkv=HKV, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, hq, T, D, device="cuda", dtype=dtype, generator=g)
-    k = torch.randn(B, hkv, T, D, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(B, hkv, T, D, device="cuda", dtype=dtype, generator=g)
-    do = torch.randn(B, hq, T, D, device="cuda", dtype=dtype, generator=g)
+def make_inputs(B, T, D, hq=HQ, hkv=HKV, dtype=DTYPE, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(B, hq, T, D, device=DEVICE, dtype=dtype, generator=g)
+    k = torch.randn(B, hkv, T, D, device=DEVICE, dtype=dtype, generator=g)
+    v = torch.randn(B, hkv, T, D, device=DEVICE, dtype=dtype, generator=g)
+    do = torch.randn(B, hq, T, D, device=DEVICE, dtype=dtype, generator=g)
     return [x.requires_grad_() for x in (q, k, v)], do
 
 
@@ -101,16 +109,35 @@ def runs(fn, q, k, v, do):
     try:
         o = fn(q, k, v)
         torch.autograd.grad(o, (q, k, v), do)
-        torch.cuda.synchronize()
+        synchronize()
         return True
     except Exception as e:  # RuntimeError ("no available kernel"), NotImplementedError, ...
         print(f"    (skipped: {str(e).splitlines()[0][:100]})")
         return False
 
 
+def synchronize():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory():
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def once_ms(f):
+    """--smoke: one timed call (after a warm one); the interpreter's times say nothing about speed."""
+    f()
+    t0 = time.perf_counter()
+    f()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_ms(fn, q, k, v, do):
     """Median ms of forward, backward, forward+backward."""
-    bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    bench = once_ms if SMOKE else (
+        lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median"))  # noqa: E731
     fwd = bench(lambda: fn(q, k, v))
     o = fn(q, k, v)
     bwd = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
@@ -121,6 +148,12 @@ def time_ms(fn, q, k, v, do):
 # ----------------------------------------------------------------------------------------- table
 
 def cases():
+    if SMOKE:
+        for D in (16,):
+            yield dict(name="causal", D=D, T=64, B=1)
+            yield dict(name="window 16", D=D, T=64, B=1, window=16)
+            yield dict(name="4 docs", D=D, T=64, B=1, docs=uneven_lengths(64, 4))
+        return
     for D in (64, 128):
         for T in (1024, 4096, 16384):
             yield dict(name="causal", D=D, T=T, B=16384 // T)
@@ -134,13 +167,13 @@ def table():
     for c in cases():
         B, T, D = c["B"], c["T"], c["D"]
         (q, k, v), do = make_inputs(B, T, D)
-        doc_start = doc_start_of(c["docs"], "cuda").expand(B, T) if "docs" in c else None
+        doc_start = doc_start_of(c["docs"], DEVICE).expand(B, T) if "docs" in c else None
         window = c.get("window")
         pairs = visible_pairs(T, doc_start, window)
         fwd_flop = 4 * B * HQ * D * pairs
         contenders_args = {"flash": (SDPBackend.FLASH_ATTENTION,), "cudnn": (SDPBackend.CUDNN_ATTENTION,)}
         if doc_start is not None or window is not None:
-            mask = visible(T, "cuda", doc_start, window)[None, None]  # (1, 1, T, T) bool
+            mask = visible(T, DEVICE, doc_start, window)[None, None]  # (1, 1, T, T) bool
             contenders_args["mask"] = (SDPBackend.EFFICIENT_ATTENTION, mask)
         contenders = {"ours": ours(doc_start, window)}
         contenders.update({name: sdpa(*a) for name, a in contenders_args.items()})
@@ -154,7 +187,7 @@ def table():
                     continue
             times[name] = time_ms(fn, q, k, v, do)
         ours_t = times["ours"]
-        if c["name"] == "causal" and T == 16384:
+        if c["name"] == "causal" and T == max(x["T"] for x in cases()):
             causal_time[D] = ours_t[2]
         tflops = [fwd_flop * m / (t * 1e-3) / 1e12 for m, t in zip((1, 2.5, 3.5), ours_t)]
         ratio = {n: "/".join(f"{s / o:.2f}" for s, o in zip(times[n], ours_t)) if n in times else "-"
@@ -165,9 +198,10 @@ def table():
             note = f"{ours_t[2] / causal_time[D]:.2f}x our causal"
         rows.append((c["name"], D, T, B, *tflops, ratio["flash"], ratio["cudnn"], ratio["mask"], note))
         del q, k, v, do
-        torch.cuda.empty_cache()
+        free_memory()
 
-    print(f"\n{torch.cuda.get_device_name()}, bf16, GQA {HQ}q/{HKV}kv, torch {torch.__version__}, "
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU, Triton interpreter (smoke run)"
+    print(f"\n{device}, {str(DTYPE).removeprefix('torch.')}, GQA {HQ}q/{HKV}kv, torch {torch.__version__}, "
           f"triton {triton.__version__}. TFLOP/s of useful work; SDPA columns: SDPA time / our "
           f"time as fwd/bwd/fwd+bwd (>1: ours faster). flash/cudnn run plain causal (no window or "
           f"docs); mask = SDPA (efficient backend) with the dense boolean mask. GQA for SDPA: "
@@ -218,13 +252,17 @@ def check():
     print("bf16 relative error ‖x - ref‖/‖ref‖ vs an fp32 reference; ratio = ours / SDPA's (pass: <= 2)")
     print(f"{'case':>11} {'d':>3} {'N':>5}  " + "  ".join(f"{n:>24}" for n in ("o", "dq", "dk", "dv")))
     all_ok = True
-    for D in (64, 128):
-        for name, T, extra in (("causal", 1024, {}), ("causal", 4096, {}), ("causal", 16384, {}),
-                               ("window 1000", 4096, dict(window=1000)),
-                               ("16 docs", 4096, dict(docs=uneven_lengths(4096, 16)))):
+    if SMOKE:
+        dims, causal_lengths, T_masked, W, lengths = (16, 32), (32, 64), 64, 10, uneven_lengths(64, 4)
+    else:
+        dims, causal_lengths, T_masked, W, lengths = (64, 128), (1024, 4096, 16384), 4096, 1000, \
+            uneven_lengths(4096, 16)
+    for D in dims:
+        for name, T, extra in [("causal", T, {}) for T in causal_lengths] + [
+                (f"window {W}", T_masked, dict(window=W)), (f"{len(lengths)} docs", T_masked, dict(docs=lengths))]:
             # GQA 4:1 with fewer heads than the table, to keep the fp32 reference quick
-            (q, k, v), do = make_inputs(1, T, D, hq=16, hkv=4, seed=T + D)
-            doc_start = doc_start_of(extra["docs"], "cuda") if "docs" in extra else None
+            (q, k, v), do = make_inputs(1, T, D, hq=4 * HKV if SMOKE else 16, hkv=HKV if SMOKE else 4, seed=T + D)
+            doc_start = doc_start_of(extra["docs"], DEVICE) if "docs" in extra else None
             window = extra.get("window")
             o = fa.flash_attention(q, k, v, doc_start=doc_start, window=window)
             got = (o, *torch.autograd.grad(o, (q, k, v), do))
@@ -234,7 +272,7 @@ def check():
             if doc_start is None and window is None:
                 o = F.scaled_dot_product_attention(q, kx, vx, is_causal=True)
             else:
-                mask = visible(T, "cuda", doc_start, window)[None, None]
+                mask = visible(T, DEVICE, doc_start, window)[None, None]
                 o = F.scaled_dot_product_attention(q, kx, vx, attn_mask=mask)
             base = (o, *torch.autograd.grad(o, (q, k, v), do))
             ref = reference_fp32(q, k, v, do, doc_start, window)
@@ -246,7 +284,7 @@ def check():
                 cells.append(f"{e_ours:.1e}/{e_sdpa:.1e}={e_ours / e_sdpa:.2f}{'' if ok else ' FAIL'}")
             print(f"{name:>11} {D:>3} {T:>5}  " + "  ".join(f"{c:>24}" for c in cells), flush=True)
             del q, k, v, do, got, base, ref
-            torch.cuda.empty_cache()
+            free_memory()
     print("check:", "PASS" if all_ok else "FAIL")
     return all_ok
 
@@ -266,11 +304,14 @@ SWEEP = dict(
 
 
 def sweep(T=4096, B=4):
-    """Time each kernel's candidate blocks (others fixed at the current choice), causal bf16."""
+    """Time each kernel's candidate blocks (others fixed at the current choice), causal bf16.
+    (--smoke: the interpreter always runs the small blocks; this only walks the code.)"""
     default = dict(fa._GPU_CONFIGS)
-    for D in (64, 128):
+    dims, T, B = ((16,), 64, 1) if SMOKE else ((64, 128), T, B)
+    for D in dims:
         (q, k, v), do = make_inputs(B, T, D)
         for kernel, candidates in SWEEP.items():
+            candidates = candidates[:2] if SMOKE else candidates
             results = []
             for cfg in candidates:
                 fa._GPU_CONFIGS[D] = dict(default[D], **{kernel: cfg})
@@ -286,16 +327,17 @@ def sweep(T=4096, B=4):
             print(f"best d{D} {kernel}: {best[1]} {best[0]:.3f} ms")
             default[D] = dict(default[D], **{kernel: best[1]})
             fa._GPU_CONFIGS[D] = default[D]
-    print("chosen:", {D: default[D] for D in (64, 128)})
+    print("chosen:", {D: default[D] for D in dims})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="bf16 accuracy vs fp32, ours and SDPA's")
     parser.add_argument("--sweep", action="store_true", help="time candidate block sizes")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: tests this script only")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/attention.py needs a CUDA GPU")
+    if not SMOKE and not torch.cuda.is_available():
+        sys.exit("bench/attention.py needs a CUDA GPU (--smoke runs it on the CPU, for testing the script)")
     if args.sweep:
         sweep()
     elif args.check:
