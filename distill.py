@@ -445,7 +445,6 @@ def dump(args):
         write_meta(args.out, plan, V, tok, elapsed, world)
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
 
 
 def write_meta(out, plan, vocab_size, tok, elapsed, world):
@@ -696,7 +695,6 @@ def train(args):
         nano.print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -784,10 +782,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.command == "dump":
-        dump(args)
-    else:
-        train(args)
+    try:
+        dump(args) if args.command == "dump" else train(args)
+    finally:
+        nano.close_distributed()
 
 
 if __name__ == "__main__":

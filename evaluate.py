@@ -49,8 +49,8 @@ import unicodedata
 import torch
 from tqdm import tqdm
 
-from model import (CHAT_TEMPLATES, Transformer, chat_prompt, generate, init_distributed, is_rank0, load_tokenizer,
-                   print0)
+from model import (CHAT_TEMPLATES, Transformer, chat_prompt, close_distributed, generate, init_distributed, is_rank0,
+                   load_tokenizer, print0)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -648,9 +648,7 @@ def main(argv=None):
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (Config, Transformer, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
+from model import (Config, Transformer, close_distributed, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
                    latest_checkpoint, load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger, parallelize,
                    save_checkpoint, set_grad_sync)
 
@@ -667,6 +667,13 @@ RESUME_MUST_MATCH = ("data", "seq_len", "seed", "val_fraction", "global_rows")
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        train(args)
+    finally:
+        close_distributed()
+
+
+def train(args):
     env_rank, env_local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
 
     def log(msg):                              # rank 0 only; above the progress bar, never through it
@@ -860,7 +867,6 @@ def main(argv=None):
         log(f"saved the final model to {args.out}")
     if world > 1:
         dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

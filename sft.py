@@ -192,6 +192,13 @@ def write_json(path, obj):
 # ------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        train(args)
+    finally:
+        M.close_distributed()
+
+
+def train(args):
     rank, local_rank, world, device = M.init_distributed()
     lora = args.lora_rank > 0
     if lora and args.fsdp:
@@ -374,8 +381,6 @@ def main(argv=None):
                 answer = answer[:-1]                                   # the end-of-turn token
             print0(f"\n--- prompt: {messages[first_answer - 1]['content'][:300]}\n--- answer: "
                    f"{tokenizer.decode(answer).strip()}\n--- reference: {messages[first_answer]['content'][:300]}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
