@@ -287,7 +287,7 @@ def resize(args):
                 {"token": final_tok.id_to_piece(i), "from": [base_tok.id_to_piece(j) for j in src]}
                 for i, (k, src) in enumerate(plan) if k == "mean" and len(src) > 1][:args.examples],
         })
-        if cfg.model_type in ("qwen2", "qwen3"):
+        if cfg.model_type == "qwen2":       # (qwen3 is not forced: AutoTokenizer reads our files right, tested)
             report["note"] = (f"transformers 5's AutoTokenizer builds a byte-level Qwen2Tokenizer for model_type "
                               f"{cfg.model_type} whatever tokenizer_config.json says, which mis-encodes this "
                               "SentencePiece vocabulary; load it with PreTrainedTokenizerFast.from_pretrained(dir)")

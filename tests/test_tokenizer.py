@@ -160,7 +160,7 @@ def _model_dir(tmp_path, trained, model_type, files):
     for f in files:
         (d / f).write_bytes((trained / f).read_bytes())
     if model_type is not None:
-        cls = {"mistral": "MistralConfig", "llama": "LlamaConfig", "qwen2": "Qwen2Config"}[model_type]
+        cls = {"mistral": "MistralConfig", "llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[model_type]
         getattr(transformers, cls)(vocab_size=600, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=96).save_pretrained(d)
     return d
@@ -170,7 +170,7 @@ HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "speci
 
 
 @pytest.mark.parametrize("model_type", [
-    None, "mistral", "llama",
+    None, "mistral", "llama", "qwen3",
     pytest.param("qwen2", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
         "transformers 5 builds its byte-level Qwen2Tokenizer from the vocab and merges for model_type qwen2, "
         "whatever tokenizer_config.json says; PreTrainedTokenizerFast.from_pretrained(dir) reads the files right"))),
