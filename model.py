@@ -955,6 +955,16 @@ def parallelize(model, device, fsdp=False, mixed_precision=None, cpu_offload=Fal
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def adamw(model, lr, betas, weight_decay=0.0, eps=1e-8):
+    """AdamW over the trainable weights of a (wrapped) model, made after parallelize(): FSDP2 swaps in its
+    sharded parameters. Weight decay on matrices only, never on norms or biases. The fused kernel (one
+    launch per step, not one per tensor group): it takes FSDP2's DTensors, offloaded CPU shards and CPU runs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
+
+
 def unwrap(model):
     """The Transformer inside a DDP wrapper (FSDP2 shards in place, so nothing to unwrap there)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (Config, Transformer, close_distributed, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
+from model import (Config, Transformer, adamw, close_distributed, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
                    latest_checkpoint, load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger, parallelize,
                    save_checkpoint, set_grad_sync)
 
@@ -618,15 +618,6 @@ def build_reference(args, start, tok, device, dtype):
     return ref, shared
 
 
-def build_optimizer(model, args, device):
-    """AdamW over the trained weights; decay (if any) only on matrices, never on norms or biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(args.beta1, args.beta2),
-                             eps=args.eps, fused=device.type == "cuda" and not args.fsdp)
-
-
 # ------------------------------------------------------------------------------------------------
 # 6. the training loop
 # ------------------------------------------------------------------------------------------------
@@ -736,7 +727,7 @@ def train(args):
     if ref is not None:
         ref = parallelize(ref, device, fsdp=args.fsdp)        # sharded under FSDP, left whole under DDP
     trained = [p for p in raw.parameters() if p.requires_grad]  # (after FSDP swapped in its sharded parameters)
-    optimizer = build_optimizer(raw, args, device)
+    optimizer = adamw(raw, args.lr, (args.beta1, args.beta2), args.weight_decay, args.eps)
 
     # -- data order and held-out rows --------------------------------------------------------------
     data = PackedMixture(train_sources, T, args.seed)

@@ -279,7 +279,7 @@ def train(args):
     # -- optimizer, resume ---------------------------------------------------------------------------
     model = M.parallelize(raw, device, fsdp=args.fsdp)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    optimizer = M.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
     start_step = M.resume_training(ckpt, model, optimizer, lora) if ckpt is not None else 0
     log = M.metrics_logger(args.out, start_step)
 

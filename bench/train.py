@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from model import Config, Transformer, gpu_peak_flops, parallelize  # noqa: E402
+from model import Config, Transformer, adamw, gpu_peak_flops, parallelize  # noqa: E402
 from pretrain import loss_sums  # noqa: E402
 
 PRESETS = {
@@ -80,8 +80,7 @@ def make_step(kind, p, layers, device):
         if not dist.is_initialized():
             dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
         model = parallelize(model, device, fsdp=True, mixed_precision=torch.bfloat16, cpu_offload=True)
-        fused = False                                                              # the step runs on the CPU
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    opt = adamw(model, lr=1e-4, betas=(0.9, 0.999))                              # pretrain.py's optimizer
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)   # (B, T): next token
 
     def step():
