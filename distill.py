@@ -563,7 +563,8 @@ def train(args):
         nano.write_chat_tokenizer(args.student, store.meta["chat_template"], tok_dir)
     # full fine-tuning resumes from the checkpoint's weights; LoRA from the base plus the saved adapter (sft.py)
     from_ckpt = ckpt is not None and not lora
-    raw = nano.Transformer.from_pretrained(ckpt if from_ckpt else args.student, device=device, dtype=args.dtype)
+    raw = nano.Transformer.from_pretrained(ckpt if from_ckpt else args.student,     # FSDP: on the CPU until sharded
+                                           device=nano.model_device(device, args.fsdp), dtype=args.dtype)
     if raw.config.vocab_size <= store.meta["max_topk_id"]:
         raise ValueError(f"{args.student}: vocabulary of {raw.config.vocab_size} rows, but the store holds "
                          f"teacher ids up to {store.meta['max_topk_id']}")
@@ -656,7 +657,7 @@ def train(args):
         sums = torch.zeros(4, dtype=torch.float64, device=device)                 # loss, ce, kd, w
         for m in range(args.grad_accum):
             input_ids, doc_ids, flat, gold, t = load_batch(store, step_micro[m * world + rank], device)
-            nano.set_grad_sync(model, m == args.grad_accum - 1)                   # one all-reduce per optimizer step
+            nano.set_grad_sync(model, m == args.grad_accum - 1)                   # DDP: one all-reduce per optimizer step
             logits = student_logits(model, input_ids, doc_ids, flat, autocast)    # (N, V) fp32, stored rows only
             loss, ce, kd, w = distill_loss(logits, gold, t["topk_ids"], t["topk_logprobs"], t["tail_logprob"],
                                            t["gold_logprob"], t["log_partition"], args.kd_weight, args.temperature,

@@ -927,10 +927,13 @@ def gpu_peak_flops(device) -> float | None:
 
 
 def parallelize(model, device, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False):
-    """Wrap a model for training. Not distributed: the model itself. torchrun: DDP (every rank holds
-    all weights), or with fsdp=True FSDP2 (`fully_shard` per decoder layer, then the root), which holds
-    1/world of the weights, gradients and optimizer state per rank: what full fine-tuning of a 7B model
-    needs. mixed_precision: FSDP's compute dtype (e.g. torch.bfloat16; gradients reduced in fp32).
+    """Wrap a model for training. Not distributed: the model itself, on `device`. torchrun: DDP (every
+    rank holds all weights), or with fsdp=True FSDP2 (`fully_shard` per decoder layer, then the root),
+    which holds 1/world of the weights, gradients and optimizer state per rank: what full fine-tuning
+    of a 7B model needs. Under FSDP load the model on the CPU (model_device): `fully_shard` moves one
+    layer at a time to the GPU and shards it there, so no GPU ever holds the whole model.
+    mixed_precision: FSDP's compute dtype; default bf16 on CUDA (the scripts' autocast dtype), the
+    weights' own elsewhere; gradients are reduced in fp32.
     compile: torch.compile each decoder layer (same graph per layer, so one compilation serves all).
     A model without trainable parameters (a frozen reference) is sharded but gets no DDP wrapper."""
     import torch.distributed as dist
@@ -938,9 +941,11 @@ def parallelize(model, device, fsdp=False, mixed_precision=None, cpu_offload=Fal
         for layer in model.model.layers:
             layer.compile()
     if not dist.is_initialized():
-        return model
+        return model.to(device)
     if fsdp:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        if mixed_precision is None and device.type == "cuda":
+            mixed_precision = torch.bfloat16
         kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32))
         if cpu_offload:
             if device.type != "cuda":
@@ -965,17 +970,22 @@ def adamw(model, lr, betas, weight_decay=0.0, eps=1e-8):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
 
 
+def model_device(device, fsdp):
+    """Where to load a model before parallelize(): the CPU under FSDP (see parallelize), else `device`."""
+    return torch.device("cpu") if fsdp else device
+
+
 def unwrap(model):
     """The Transformer inside a DDP wrapper (FSDP2 shards in place, so nothing to unwrap there)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def set_grad_sync(model, enabled):
-    """Gradient accumulation: all-reduce only on the last micro-step of each optimizer step."""
+def set_grad_sync(model, last_micro_step):
+    """Gradient accumulation. DDP: all-reduce only on the last micro-step of each optimizer step.
+    FSDP2: reduce-scatter every micro-step (skipping it would keep whole, unsharded gradients on every
+    GPU until the last one: the memory FSDP is there to save), so nothing to switch."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        model.require_backward_grad_sync = enabled
-    elif is_sharded(model):
-        model.set_requires_gradient_sync(enabled)
+        model.require_backward_grad_sync = last_micro_step
 
 
 def is_sharded(model):

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import (Config, Transformer, adamw, close_distributed, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
-                   latest_checkpoint, load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger, parallelize,
+                   latest_checkpoint, load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger,
+                   model_device, parallelize,
                    save_checkpoint, set_grad_sync)
 
 
@@ -697,7 +698,8 @@ def train(args):
     global_rows = world * A * B
 
     # -- model and reference -----------------------------------------------------------------------
-    raw = build_start_model(args, tok, device, param_dtype)
+    load_device = model_device(device, args.fsdp)                 # FSDP: the CPU, then shard by shard to the GPU
+    raw = build_start_model(args, tok, load_device, param_dtype)
     V = raw.config.vocab_size
     for _, files, _ in train_sources + eval_only:
         for tf in files:
@@ -705,12 +707,12 @@ def train(args):
                 raise ValueError(f"{tf.path}: token id {tf.meta['max_id']} is outside the model's vocabulary "
                                  f"of {V} rows (tokenizer {args.tokenizer} has {tok.vocab_size} pieces); "
                                  "resize the model's vocabulary first (resize_vocab.py)")
-    ref, shared = build_reference(args, raw, tok, device, compute_dtype) if args.kl_weight > 0 else (None, None)
+    ref, shared = build_reference(args, raw, tok, load_device, compute_dtype) if args.kl_weight > 0 else (None, None)
 
     start_step, state = 0, None
     if ckpt:
         del raw                   # the reference has taken what it needs from the starting model
-        raw = Transformer.from_pretrained(ckpt, device=device, dtype=param_dtype)
+        raw = Transformer.from_pretrained(ckpt, device=load_device, dtype=param_dtype)
         state = load_trainer_state(ckpt)
         start_step = state["step"]
     elif args.resume:
@@ -722,8 +724,7 @@ def train(args):
     raw.train()
     # MFU counts the reference's forward pass too (a third of a training step's FLOPs per weight)
     flops_per_token = raw.flops_per_token(T) + (ref.flops_per_token(T) / 3 if ref is not None else 0)
-    model = parallelize(raw, device, fsdp=args.fsdp, mixed_precision=compute_dtype if cuda else None,
-                        cpu_offload=args.cpu_offload, compile=args.compile)                 # DDP or FSDP2 under torchrun; `raw` itself otherwise
+    model = parallelize(raw, device, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)                 # DDP or FSDP2 under torchrun; `raw` itself otherwise
     if ref is not None:
         ref = parallelize(ref, device, fsdp=args.fsdp)        # sharded under FSDP, left whole under DDP
     trained = [p for p in raw.parameters() if p.requires_grad]  # (after FSDP swapped in its sharded parameters)
@@ -804,9 +805,7 @@ def train(args):
 
         sums = torch.zeros(2, device=device)                                  # CE sum, KL sum
         for i, (x, d, y) in enumerate(micro):
-            # DDP: one gradient all-reduce per optimiser step, on the last micro-step. FSDP reduce-
-            # scatters every micro-step: skipping it would keep whole unsharded gradients on each GPU
-            set_grad_sync(model, i == A - 1 or args.fsdp)
+            set_grad_sync(model, i == A - 1)                                  # DDP: all-reduce on the last
             with autocast:
                 h = model(x, doc_ids=d, return_hidden=True)                   # (B, T, d)
                 h_ref = None

@@ -213,7 +213,8 @@ def train(args):
     # -- model, template, tokenizer ----------------------------------------------------------------
     # Full fine-tuning resumes from the checkpoint's weights; LoRA from the base plus the saved adapter.
     from_ckpt = ckpt is not None and not lora
-    raw = Transformer.from_pretrained(ckpt if from_ckpt else args.model, device=device, dtype=args.dtype)
+    raw = Transformer.from_pretrained(ckpt if from_ckpt else args.model, device=M.model_device(device, args.fsdp),
+                                      dtype=args.dtype)                  # FSDP: on the CPU until sharded
     base_tok = M.load_tokenizer(args.model)
     args.chat_template = M.choose_chat_template(args.chat_template, args.model, raw.config.model_type, base_tok)
     if rank == 0:
@@ -329,7 +330,7 @@ def train(args):
         loss_sum = torch.zeros((), device=device)
         for m, (ids, labels, doc_ids) in enumerate(batches):
             ids, labels, doc_ids = ids.to(device), labels.to(device), doc_ids.to(device)
-            M.set_grad_sync(model, m == n_micro - 1)         # one all-reduce per optimizer step
+            M.set_grad_sync(model, m == n_micro - 1)         # DDP: one all-reduce per optimizer step
             with autocast(device):
                 loss = token_losses(model, ids, labels, doc_ids).sum()
             # DDP averages gradients over ranks; times world makes the sum over ranks / global count
