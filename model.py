@@ -229,6 +229,12 @@ def attention(q, k, v, doc_start=None, window=None, q_offset=0):
     doc_start (B, Tq): first slot of each query's document, so packed documents never see each other.
     The Triton kernel (flash_attention.py) serves training-shaped calls; SDPA everything else.
     """
+    if torch.is_autocast_enabled(q.device.type):
+        # Training runs fp32 weights under autocast: RoPE's fp32 cos/sin then promote q and k to fp32 while
+        # v stays in the autocast dtype. Autocast casts SDPA's inputs down to its dtype; do it here, for
+        # both paths, so that the kernel (no autocast op) gets what SDPA would: all three in that dtype.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     Tq, Tk = q.shape[2], k.shape[2]
     if q_offset == 0 and Tq == Tk and _use_triton(q, k, v):
         import flash_attention
