@@ -137,12 +137,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, t
                           HAS_WINDOW, HAS_DOCS)
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = m_new  # what is subtracted from the scores
         if MASKED:
-            # a row with nothing visible so far keeps m = -inf; subtract 0 instead, so that
-            # exp2(-inf - -inf) = NaN never happens and its p stays exactly 0
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_new[:, None])  # (BM, BN)
-        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+            # a row with nothing visible so far keeps m = -inf, but subtracts 0, so that exp2(-inf - -inf)
+            # = NaN never happens and its p stays exactly 0. (Only the subtraction: a max stuck at 0 would
+            # let exp2(s - 0) of very negative scores underflow in p's fp16, while l in fp32 does not.)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_sub[:, None])  # (BM, BN)
+        alpha = tl.exp2(m_i - m_sub)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)

@@ -138,6 +138,19 @@ def test_noncontiguous_views_and_fp16():
     check(q, k, v, doc_start=doc_start_from_lengths([[20, 25], [45]]), window=30, tol=5e-3)
 
 
+def test_very_negative_scores_in_fp16_at_window_and_document_edges():
+    """Rows whose first key block is all invisible (left of the window or of the document) must keep
+    their running max at -inf, not 0: with every score at -20 (natural log), exp2(s - 0) underflows in
+    fp16 and such rows came out as 0 instead of the mean of their values."""
+    B, H, T, D = 1, 2, 64, 16
+    a = (20 / D ** 0.5) ** 0.5                          # q·k · D^-0.5 = -20 for every pair, plus a little noise
+    g = torch.Generator().manual_seed(4)
+    q, k, v = ((sign * a + 0.3 * torch.randn(B, h, T, D, generator=g)).to(DEVICE, torch.float16).requires_grad_()
+               for sign, h in ((1, H), (-1, 1), (0, 1)))
+    check(q, k, v, window=20, tol=5e-3)
+    check(q, k, v, doc_start=doc_start_from_lengths([[19, 45]]), tol=5e-3)
+
+
 def test_fully_masked_rows_give_zero_not_nan():
     # doc_start > t means "sees nothing" (e.g. padding at the end of a packed row)
     T = 50
