@@ -162,10 +162,11 @@ def _fwd_kernel(Q, K, V, O, LSE, DOC_START,
                 H, T, GROUP, window, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
-    # Heaviest (last) query blocks first: under causal masking they have the most keys, and starting
-    # them early keeps the last wave of programs short.
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    # Grid (batch × head, query block): (batch × head) on axis 0, which has no 65535 limit, and the
+    # heaviest (last) query blocks first, for every head at once: under causal masking they have the
+    # most keys, and starting them early keeps the last wave of programs short.
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     hk = h // GROUP  # GQA: the KV head this query head reads
@@ -215,8 +216,8 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot,
                       stride_dob, stride_doh, stride_dot, H, T,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # Δ_t = Σ_d dO_td · O_td = Σ_s P_ts · dP_ts: what the softmax backward subtracts from dP.
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m0 = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -277,9 +278,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, Q_END,
                      stride_db, H, HKV, T, GROUP, window, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
-    # Key blocks near the start of the sequence are seen by the most queries: run them first.
-    n0 = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    # Grid (batch × KV head, key block). Key blocks near the start of the sequence are seen by the most
+    # queries: run them first.
+    n0 = tl.program_id(1) * BLOCK_N
+    bh = tl.program_id(0)
     b = bh // HKV
     hk = bh % HKV
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -372,8 +374,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START,
                    H, T, GROUP, window, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest blocks first
-    bh = tl.program_id(1)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # heaviest blocks first
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -448,7 +450,7 @@ class _FlashAttention(torch.autograd.Function):
         o = _empty_bthd(B, H, T, D, q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # base-2 log-sum-exp
         BM, BN, warps, stages = _config(D, q.dtype)["fwd"]
-        _fwd_kernel[(triton.cdiv(T, BM), B * H)](
+        _fwd_kernel[(B * H, triton.cdiv(T, BM))](
             q, k, v, o, lse, doc_start,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], doc_start.stride(0),
             H, T, H // HKV, window, scale * LOG2_E,
@@ -466,27 +468,29 @@ class _FlashAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         HKV = k.shape[1]
         do = _last_dim_contiguous(do)
+        if T * do.stride(2) >= 2**31:  # row offsets are int32: lay dO out as (B, T, H, D), like o
+            do = do.transpose(1, 2).contiguous().transpose(1, 2)
         cfg = _config(D, q.dtype)
         flags = dict(HAS_WINDOW=ctx.has_window, HAS_DOCS=ctx.has_docs, PRECISION=ctx.precision)
         qk_scale = ctx.scale * LOG2_E
 
         delta = torch.empty_like(lse)  # (B, H, T) fp32
         BM = 64
-        _bwd_delta_kernel[(triton.cdiv(T, BM), B * H)](
+        _bwd_delta_kernel[(B * H, triton.cdiv(T, BM))](
             o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM)
 
         dq = _empty_bthd(B, H, T, D, q)
         dk = _empty_bthd(B, HKV, T, D, k)
         dv = _empty_bthd(B, HKV, T, D, v)
         BM, BN, warps, stages = cfg["dkdv"]
-        _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
+        _bwd_dkdv_kernel[(B * HKV, triton.cdiv(T, BN))](
             q, k, v, do, lse, delta, dk, dv, doc_start, q_end,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3], doc_start.stride(0),
             H, HKV, T, H // HKV, ctx.window, qk_scale, ctx.scale,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
         BM, BN, warps, stages = cfg["dq"]
-        _bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](
+        _bwd_dq_kernel[(B * H, triton.cdiv(T, BM))](
             q, k, v, do, lse, delta, dq, doc_start,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
             *dq.stride()[:3], doc_start.stride(0),
@@ -502,8 +506,8 @@ def supports(q, k, v):
     B, H, T, D = q.shape
     if T == 0 or k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or H % k.shape[1] != 0:
         return False  # no KV cache (queries and keys must cover the same positions)
-    if T * max(x.stride(2) for x in (q, k, v)) >= 2**31:
-        return False  # row offsets are int32 inside the kernels
+    if T * max(H * D, *(x.stride(2) for x in (q, k, v))) >= 2**31:
+        return False  # row offsets are int32 inside the kernels (o and dQ are laid out (B, T, H, D))
     if D not in HEAD_DIMS or not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         return False
     if q.device.type == "cuda":

@@ -202,8 +202,8 @@ def _use_triton(q, k, v) -> bool:
     choice = os.environ.get("NANOADAPT_ATTENTION", "").lower()
     if choice not in ("", "triton", "sdpa"):
         raise ValueError(f"NANOADAPT_ATTENTION={choice!r}: expected 'triton' or 'sdpa'")
-    if choice == "sdpa" or (choice == "" and not q.is_cuda):
-        return False
+    if choice == "sdpa" or (choice == "" and (not q.is_cuda or q.dtype == torch.float32)):
+        return False  # (the kernel's fp32 path, small tiles with IEEE dots, is for checking, not speed)
     try:
         import flash_attention
         supported = flash_attention.supports(q, k, v)

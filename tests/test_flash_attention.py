@@ -244,5 +244,8 @@ def test_supports():
     assert not fa.supports(q[..., :8], k[..., :8], v[..., :8])  # head dim 8
     assert not fa.supports(q, k[:, :, :4], v[:, :, :4])  # kv length != q length (KV cache)
     assert not fa.supports(*make_qkv(1, 3, 2, 8, 16))  # 3 query heads over 2 KV heads
+    big = torch.empty(1, 1, 1, 128, device=DEVICE).expand(1, 128, 2**17, 128)  # no memory: strides are 0
+    assert not fa.supports(big, big[:, :8], big[:, :8])  # T·H·D = 2^31: o's int32 row offsets would overflow
+    assert fa.supports(big[:, :, :2**16], big[:, :8, :2**16], big[:, :8, :2**16])
     if DEVICE == "cpu":
         assert not fa.supports(*(x.bfloat16() for x in (q, k, v)))
