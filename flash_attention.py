@@ -33,6 +33,7 @@ On CPU it runs under the Triton interpreter: set TRITON_INTERPRET=1 before anyth
 """
 
 import contextlib
+from typing import Optional
 
 import torch
 import triton
@@ -427,76 +428,111 @@ def _empty_bthd(B, H, T, D, like):
     return torch.empty(B, T, H, D, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-class _FlashAttention(torch.autograd.Function):
+# The forward and the backward are PyTorch custom ops (torch.library), tied together by
+# register_autograd: torch.compile then sees one opaque op per attention call (no graph break, no
+# tracing into the launches), and the fake implementations give it the output shapes and strides.
 
-    @staticmethod
-    def forward(ctx, q, k, v, doc_start, window, scale):
-        B, H, T, D = q.shape
-        HKV = k.shape[1]
-        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-        has_docs = doc_start is not None
-        if has_docs:
-            doc_start = doc_start.to(device=q.device, dtype=torch.int32).contiguous()  # (B, T)
-            positions = torch.arange(T, device=q.device, dtype=torch.int32).expand(B, T).contiguous()
-            # q_end[b, s] = number of rows t with doc_start[b, t] <= s: for a key s, every query that
-            # can see it lies before q_end (the dK/dV kernel stops its query loop there)
-            q_end = torch.searchsorted(doc_start, positions, right=True).to(torch.int32)
-        else:
-            doc_start = q_end = torch.zeros(1, device=q.device, dtype=torch.int32)  # never read
-        has_window = window is not None and window < T  # a window >= T hides nothing
-        window = int(window) if has_window else 0
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests must not use TF32
+def _device_guard(x):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()  # launch on x's GPU
 
-        o = _empty_bthd(B, H, T, D, q)
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # base-2 log-sum-exp
-        BM, BN, warps, stages = _config(D, q.dtype)["fwd"]
+
+def _flags(q, doc_start, window):
+    return dict(HAS_WINDOW=window > 0, HAS_DOCS=doc_start is not None,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 tests must not use TF32
+
+
+@torch.library.custom_op("nanoadapt::flash_attention_forward", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: Optional[torch.Tensor],
+             window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, T, D) and the base-2 log-sum-exp (B, Hq, T) fp32. doc_start: (B, T) int32 or None;
+    window: 0 for none."""
+    B, H, T, D = q.shape
+    HKV = k.shape[1]
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    docs = doc_start if doc_start is not None else torch.zeros(1, device=q.device, dtype=torch.int32)
+    o = _empty_bthd(B, H, T, D, q)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    BM, BN, warps, stages = _config(D, q.dtype)["fwd"]
+    with _device_guard(q):
         _fwd_kernel[(B * H, triton.cdiv(T, BM))](
-            q, k, v, o, lse, doc_start,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], doc_start.stride(0),
+            q, k, v, o, lse, docs,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], docs.stride(0),
             H, T, H // HKV, window, scale * LOG2_E,
-            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, HAS_WINDOW=has_window, HAS_DOCS=has_docs,
-            PRECISION=precision, num_warps=warps, num_stages=stages)
+            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, **_flags(q, doc_start, window), num_warps=warps, num_stages=stages)
+    return o, lse
 
-        ctx.save_for_backward(q, k, v, o, lse, doc_start, q_end)
-        ctx.window, ctx.scale, ctx.precision = window, scale, precision
-        ctx.has_window, ctx.has_docs = has_window, has_docs
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, doc_start, q_end = ctx.saved_tensors
-        B, H, T, D = q.shape
-        HKV = k.shape[1]
-        do = _last_dim_contiguous(do)
-        if T * do.stride(2) >= 2**31:  # row offsets are int32: lay dO out as (B, T, H, D), like o
-            do = do.transpose(1, 2).contiguous().transpose(1, 2)
-        cfg = _config(D, q.dtype)
-        flags = dict(HAS_WINDOW=ctx.has_window, HAS_DOCS=ctx.has_docs, PRECISION=ctx.precision)
-        qk_scale = ctx.scale * LOG2_E
+@_forward.register_fake
+def _(q, k, v, doc_start, window, scale):
+    B, H, T, D = q.shape
+    return _empty_bthd(B, H, T, D, q), q.new_empty(B, H, T, dtype=torch.float32)
 
-        delta = torch.empty_like(lse)  # (B, H, T) fp32
+
+@torch.library.custom_op("nanoadapt::flash_attention_backward", mutates_args=())
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, doc_start: Optional[torch.Tensor], window: int, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv: Δ = rowsum(dO ∘ O), then the dK/dV kernel, then the dQ kernel."""
+    B, H, T, D = q.shape
+    HKV = k.shape[1]
+    q, k, v, do = (_last_dim_contiguous(x) for x in (q, k, v, do))
+    if T * do.stride(2) >= 2**31:  # row offsets are int32: lay dO out as (B, T, H, D), like o
+        do = do.transpose(1, 2).contiguous().transpose(1, 2)
+    if doc_start is not None:
+        # q_end[b, s] = number of rows t with doc_start[b, t] <= s: for a key s, every query that
+        # can see it lies before q_end (the dK/dV kernel stops its query loop there)
+        positions = torch.arange(T, device=q.device, dtype=torch.int32).expand(B, T).contiguous()
+        docs, q_end = doc_start, torch.searchsorted(doc_start, positions, right=True).to(torch.int32)
+    else:
+        docs = q_end = torch.zeros(1, device=q.device, dtype=torch.int32)  # never read
+    cfg = _config(D, q.dtype)
+    flags = _flags(q, doc_start, window)
+    qk_scale = scale * LOG2_E
+    delta = torch.empty_like(lse)  # (B, H, T) fp32
+    dq = _empty_bthd(B, H, T, D, q)
+    dk = _empty_bthd(B, HKV, T, D, k)
+    dv = _empty_bthd(B, HKV, T, D, v)
+    with _device_guard(q):
         BM = 64
         _bwd_delta_kernel[(B * H, triton.cdiv(T, BM))](
             o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM)
-
-        dq = _empty_bthd(B, H, T, D, q)
-        dk = _empty_bthd(B, HKV, T, D, k)
-        dv = _empty_bthd(B, HKV, T, D, v)
         BM, BN, warps, stages = cfg["dkdv"]
         _bwd_dkdv_kernel[(B * HKV, triton.cdiv(T, BN))](
-            q, k, v, do, lse, delta, dk, dv, doc_start, q_end,
+            q, k, v, do, lse, delta, dk, dv, docs, q_end,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-            *dk.stride()[:3], *dv.stride()[:3], doc_start.stride(0),
-            H, HKV, T, H // HKV, ctx.window, qk_scale, ctx.scale,
+            *dk.stride()[:3], *dv.stride()[:3], docs.stride(0),
+            H, HKV, T, H // HKV, window, qk_scale, scale,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
         BM, BN, warps, stages = cfg["dq"]
         _bwd_dq_kernel[(B * H, triton.cdiv(T, BM))](
-            q, k, v, do, lse, delta, dq, doc_start,
+            q, k, v, do, lse, delta, dq, docs,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-            *dq.stride()[:3], doc_start.stride(0),
-            H, T, H // HKV, ctx.window, qk_scale, ctx.scale,
+            *dq.stride()[:3], docs.stride(0),
+            H, T, H // HKV, window, qk_scale, scale,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, **flags, num_warps=warps, num_stages=stages)
-        return dq, dk, dv, None, None, None  # (autograd runs this with q's device current)
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _(do, q, k, v, o, lse, doc_start, window, scale):
+    B, H, T, D = q.shape
+    HKV = k.shape[1]
+    return _empty_bthd(B, H, T, D, q), _empty_bthd(B, HKV, T, D, k), _empty_bthd(B, HKV, T, D, v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, doc_start, window, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], doc_start)
+    ctx.window, ctx.scale = window, scale
+
+
+def _backward_rule(ctx, do, _dlse):
+    q, k, v, o, lse, doc_start = ctx.saved_tensors
+    dq, dk, dv = _backward(do, q, k, v, o, lse, doc_start, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_forward.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def supports(q, k, v):
@@ -540,5 +576,7 @@ def flash_attention(q, k, v, doc_start=None, window=None, scale=None):
     if window is not None and int(window) < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     scale = D ** -0.5 if scale is None else float(scale)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU
-        return _FlashAttention.apply(q, k, v, doc_start, window, scale)
+    if doc_start is not None:
+        doc_start = doc_start.to(device=q.device, dtype=torch.int32).contiguous()  # (B, T)
+    window = int(window) if window is not None and window < T else 0  # a window >= T hides nothing
+    return _forward(q, k, v, doc_start, window, scale)[0]

@@ -90,3 +90,28 @@ def test_kernel_runs_under_autocast(tmp_path, monkeypatch):
     assert rel_err(out.cpu(), ref.cpu()) < 1e-2
     for n in grads:
         assert rel_err(grads[n].cpu(), ref_grads[n].cpu()) < 3e-2, n
+
+
+def test_compiled_layer_keeps_the_kernel_in_one_graph(tmp_path, monkeypatch):
+    """pretrain.py --compile compiles each decoder layer. The kernel is a torch.library custom op, so a
+    layer compiles into a single graph (fullgraph=True: no break) around it, and the compiled layer
+    computes exactly what the eager one does, forward and backward, with and without packed documents.
+    (aot_eager: Dynamo and AOT autograd with the op's fake shapes, without generating C++ on the CPU.)"""
+    from model import document_starts, rope_cos_sin
+    make_hf_model("mistral", tmp_path / "hf")
+    m = Transformer.from_pretrained(tmp_path / "hf", device=DEVICE)
+    monkeypatch.setenv("NANOADAPT_ATTENTION", "triton")
+    calls = count_kernel_calls(monkeypatch)
+    B, T = 2, 19
+    x = torch.randn(B, T, m.config.hidden_size, generator=torch.Generator().manual_seed(5)).to(DEVICE).requires_grad_()
+    cos, sin = rope_cos_sin(m.inv_freq, torch.arange(T, device=DEVICE).expand(B, T), x.dtype)
+    layer = m.model.layers[0]
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    doc_start = document_starts(torch.tensor([[0] * 10 + [1] * 9, [0] * T], device=DEVICE))
+    for docs in (None, doc_start):
+        eager = layer(x, cos, sin, docs)
+        grad_eager = torch.autograd.grad(eager.square().sum(), x)[0]
+        out = compiled(x, cos, sin, docs)
+        grad = torch.autograd.grad(out.square().sum(), x)[0]
+        assert torch.equal(out, eager) and torch.equal(grad, grad_eager)
+    assert calls                                            # the eager layer went through the kernel too
