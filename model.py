@@ -602,6 +602,9 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
                 if os.path.isfile(os.path.join(tok_src, name)):
                     shutil.copy2(os.path.join(tok_src, name), os.path.join(tmp, name))
         for name, content in (extra_files or {}).items():
+            if callable(content):                   # writes the file itself (e.g. torch.save, no copy in memory)
+                content(os.path.join(tmp, name))
+                continue
             with open(os.path.join(tmp, name), "wb" if isinstance(content, bytes) else "w") as f:
                 f.write(content)
         install_model_files(tmp, path)
@@ -814,13 +817,17 @@ def init_distributed():
     if "RANK" not in os.environ:
         return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    # While rank 0 writes a checkpoint (at 7B: ~87 GB of weights and optimizer state), the others wait
+    # in a barrier: NCCL's default 10-minute timeout would kill the run on a slow disk.
+    from datetime import timedelta
+    timeout = timedelta(minutes=30)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return rank, local_rank, world, device
 
 
@@ -858,16 +865,16 @@ def lr_at(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
 def save_checkpoint(run_dir, step, model, trainer_state, tokenizer_dir=None, keep=2, state_dict=None):
     """checkpoints/step_NNNNNN/: the HF model dir plus trainer_state.pt (optimizer, step, data position,
     RNG), written atomically; older checkpoints beyond `keep` are removed. Rank 0 only
-    (under FSDP, gather state_dict and the optimizer state on all ranks first: see full_state_dict)."""
-    import io
-    buf = io.BytesIO()
-    torch.save(trainer_state, buf)
+    (under FSDP, gather state_dict and the optimizer state on all ranks first: see full_state_dict).
+    Also removes what a killed save left behind (.step_*.tmp-* directories: tens of GB at 7B)."""
     ckpt_root = os.path.join(run_dir, "checkpoints")
     model.save_pretrained(os.path.join(ckpt_root, f"step_{step:06d}"), tokenizer_dir=tokenizer_dir,
-                          extra_files={"trainer_state.pt": buf.getvalue()}, state_dict=state_dict)
-    steps = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
-    for old in steps[:-keep] if keep else []:
-        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+                          extra_files={"trainer_state.pt": lambda path: torch.save(trainer_state, path)},
+                          state_dict=state_dict)
+    complete = _complete_checkpoints(ckpt_root)
+    for d in os.listdir(ckpt_root):
+        if d.startswith(".step_") or (d.startswith("step_") and d not in (complete[-keep:] if keep else complete)):
+            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
 
 
 def resume_training(ckpt_dir, model, optimizer, lora=False):
@@ -904,17 +911,25 @@ def metrics_logger(run_dir, resume_step=0):
 
 
 def latest_checkpoint(run_dir):
-    """The newest complete checkpoint directory, or None (temporary dirs start with '.', so are skipped)."""
+    """The newest complete checkpoint directory, or None (temporary dirs start with '.', so are skipped;
+    config.json is written last, so a directory without it or without trainer_state.pt is incomplete)."""
     root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")
-                   and os.path.isfile(os.path.join(root, d, "trainer_state.pt")))
+    steps = _complete_checkpoints(root)
     return os.path.join(root, steps[-1]) if steps else None
 
 
+def _complete_checkpoints(root):
+    """Names of the complete step_NNNNNN directories under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if d.startswith("step_")
+                  and all(os.path.isfile(os.path.join(root, d, f)) for f in ("trainer_state.pt", "config.json")))
+
+
 def load_trainer_state(ckpt_dir):
-    return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    """trainer_state.pt, memory-mapped: every rank reads the same file, and at 7B its optimizer state is
+    ~58 GB; mapped, the ranks share the page cache instead of each holding a copy."""
+    return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=True, mmap=True)
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, matched on the device name.

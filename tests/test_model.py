@@ -279,3 +279,25 @@ def test_padding_rows_are_suppressed_for_transformers_generate(tmp_path):
     make_hf_model("llama", tmp_path / "exact", vocab_size=100)
     Transformer.from_pretrained(tmp_path / "exact").save_pretrained(tmp_path / "exact_out", tokenizer_dir=tok_dir)
     assert "suppress_tokens" not in json.loads((tmp_path / "exact_out" / "generation_config.json").read_text())
+
+
+def test_checkpoints_are_complete_or_ignored(tmp_path):
+    """save_checkpoint writes the trainer state with the weights and removes what a killed save left;
+    latest_checkpoint takes only directories with both trainer_state.pt and config.json (written last)."""
+    from model import latest_checkpoint, load_trainer_state, save_checkpoint
+    make_hf_model("llama", tmp_path / "hf")
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints" / ".step_000001.tmp-killed")
+    state = {"step": 2, "optimizer": {"m": torch.arange(5.0)}}
+    save_checkpoint(str(run), 2, model, state)
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_000002"]
+    loaded = load_trainer_state(str(run / "checkpoints" / "step_000002"))
+    assert loaded["step"] == 2 and torch.equal(loaded["optimizer"]["m"], torch.arange(5.0))
+    os.makedirs(run / "checkpoints" / "step_000003")          # killed mid-replace: no config.json
+    (run / "checkpoints" / "step_000003" / "trainer_state.pt").write_bytes(
+        (run / "checkpoints" / "step_000002" / "trainer_state.pt").read_bytes())
+    assert latest_checkpoint(str(run)) == str(run / "checkpoints" / "step_000002")
+    save_checkpoint(str(run), 4, model, {**state, "step": 4}, keep=2)
+    assert latest_checkpoint(str(run)) == str(run / "checkpoints" / "step_000004")
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_000002", "step_000004"]   # the 2 newest complete ones

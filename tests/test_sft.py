@@ -294,8 +294,12 @@ def test_sft_end_to_end_and_resume(tmp_path, mode):
     # a kill after step 3: the step-4 work and the final model are lost, a half-written checkpoint remains
     shutil.rmtree(out / "checkpoints" / "step_000004", ignore_errors=True)
     os.makedirs(out / "checkpoints" / ".step_000004.tmp-dead")
+    # and a step directory killed while being replaced: its trainer state but no config.json (written last)
+    os.makedirs(out / "checkpoints" / "step_000003")
+    shutil.copy(out / "checkpoints" / "step_000002" / "trainer_state.pt", out / "checkpoints" / "step_000003")
     with pytest.raises(SystemExit, match="--resume"):
         run_sft(base, data, out, *extra)
+    assert M.latest_checkpoint(str(out)).endswith("step_000002")
     resumed = run_sft(base, data, out, *extra, "--resume")
     assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]          # no duplicated records
     for r in resumed:
