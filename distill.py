@@ -605,7 +605,9 @@ def train(args):
     model = nano.parallelize(raw, device, fsdp=args.fsdp)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = nano.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
-    start_step = nano.resume_training(ckpt, model, optimizer, lora) if ckpt is not None else 0
+    data_plan = {k: getattr(args, k) for k in ("store", "eval_store", "eval_conversations", "seq_len", "batch_size",
+                                                "epochs", "seed")} | {"micro_batches_per_step": per_step}
+    start_step = nano.resume_training(ckpt, model, optimizer, lora, data_plan) if ckpt is not None else 0
     log = nano.metrics_logger(args.out, start_step)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -630,7 +632,7 @@ def train(args):
     def checkpoint(step):
         weights, optim_state = nano.full_state_dict(model, optimizer)       # a collective under FSDP
         if rank == 0:
-            state = {"step": step, "optimizer": optim_state}
+            state = {"step": step, "optimizer": optim_state, "data_plan": data_plan}
             if lora:
                 state["lora"] = nano.lora_state_dict(raw)
             nano.save_checkpoint(args.out, step, raw, state, tokenizer_dir=tok_dir, keep=args.keep,

@@ -877,11 +877,17 @@ def save_checkpoint(run_dir, step, model, trainer_state, tokenizer_dir=None, kee
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
 
 
-def resume_training(ckpt_dir, model, optimizer, lora=False):
+def resume_training(ckpt_dir, model, optimizer, lora=False, data_plan=None):
     """Restore what a checkpoint written by sft.py / distill.py holds: the optimizer state (sharded again
     under FSDP) and, for LoRA, the adapter (the checkpoint's weights are the merged model, so a LoRA run
-    resumes from its base plus this adapter). Returns the step to continue from."""
+    resumes from its base plus this adapter). Returns the step to continue from.
+    data_plan: what makes a step number mean certain rows (data, sequence length, rows per step, seed,
+    ...), as saved in the checkpoint's "data_plan": a checkpoint of another plan is refused."""
     state = load_trainer_state(ckpt_dir)
+    for key, value in (data_plan or {}).items():
+        if key in state.get("data_plan", {}) and state["data_plan"][key] != value:
+            raise ValueError(f"--resume: '{key}' was {state['data_plan'][key]!r} in {ckpt_dir}, now {value!r}; "
+                             f"step {state['step']} would not mean the same rows")
     if lora:
         load_lora_state_dict(unwrap(model), state["lora"], ckpt_dir)
     load_optimizer_state(model, optimizer, state["optimizer"])

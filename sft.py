@@ -281,7 +281,9 @@ def train(args):
     model = M.parallelize(raw, device, fsdp=args.fsdp)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = M.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
-    start_step = M.resume_training(ckpt, model, optimizer, lora) if ckpt is not None else 0
+    data_plan = {k: getattr(args, k) for k in ("data", "val_data", "val_fraction", "seed", "seq_len", "overlong",
+                                                "chat_template", "epochs")} | {"rows_per_step": rows_per_step}
+    start_step = M.resume_training(ckpt, model, optimizer, lora, data_plan) if ckpt is not None else 0
     log = M.metrics_logger(args.out, start_step)
 
     def checkpoint(step):
@@ -289,7 +291,7 @@ def train(args):
         if lora and rank == 0:
             weights = M.merged_state_dict(raw)           # the checkpoint is a plain HF model; adapter in the state
         if rank == 0:
-            trainer_state = {"step": step, "optimizer": optim_state}
+            trainer_state = {"step": step, "optimizer": optim_state, "data_plan": data_plan}
             if lora:
                 trainer_state["lora"] = M.lora_state_dict(raw)
             M.save_checkpoint(args.out, step, raw, trainer_state, tokenizer_dir=tok_dir, keep=args.keep,
