@@ -997,6 +997,20 @@ def adamw(model, lr, betas, weight_decay=0.0, eps=1e-8):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
 
 
+def checkpointed_chunks(fn, *args, chunk=1024):
+    """fn over chunks of `chunk` rows of the (N, ...) tensor arguments (other arguments pass as they are),
+    one result per chunk. With autograd on, each call is checkpointed: what fn builds inside, e.g. the
+    (chunk, V) fp32 logits of a loss, is recomputed in the backward pass instead of kept, so the full
+    (N, V) never exists. pretrain.py and sft.py compute their losses through it."""
+    n = next(a for a in args if isinstance(a, torch.Tensor)).shape[0]
+    for i in range(0, n, chunk):
+        part = [a[i:i + chunk] if isinstance(a, torch.Tensor) else a for a in args]
+        if torch.is_grad_enabled():
+            yield torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False)
+        else:
+            yield fn(*part)
+
+
 def model_device(device, fsdp):
     """Where to load a model before parallelize(): the CPU under FSDP (see parallelize), else `device`."""
     return torch.device("cpu") if fsdp else device

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (Config, Transformer, adamw, close_distributed, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
+from model import (Config, Transformer, adamw, checkpointed_chunks, close_distributed, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
                    latest_checkpoint, load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger,
                    model_device, parallelize,
                    save_checkpoint, set_grad_sync)
@@ -550,13 +550,7 @@ def loss_sums(hidden, labels, head, hidden_ref=None, ref_head=None, direction="r
     y = labels.reshape(-1)[valid]                                    # (N,)
     h_ref = hidden_ref.reshape(-1, hidden_ref.shape[-1])[valid] if hidden_ref is not None else None
     ce = kl = torch.zeros((), device=hidden.device, dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for i in range(0, y.numel(), chunk):
-        part = (h[i:i + chunk], h_ref[i:i + chunk] if h_ref is not None else None, y[i:i + chunk],
-                head, ref_head, direction, shared)
-        if torch.is_grad_enabled():
-            c, k = torch.utils.checkpoint.checkpoint(_chunk_loss_sums, *part, use_reentrant=False)
-        else:
-            c, k = _chunk_loss_sums(*part)
+    for c, k in checkpointed_chunks(_chunk_loss_sums, h, h_ref, y, head, ref_head, direction, shared, chunk=chunk):
         ce, kl = ce + c, kl + k
     return ce, kl
 

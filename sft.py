@@ -141,10 +141,14 @@ def make_batch(rows, examples, seq_len, pad_id):
 
 
 def token_losses(model, ids, labels, doc_ids):
-    """Per-position cross-entropy (fp32), 0 where labels is IGNORE. (B, T) -> (B, T)."""
-    logits = model(ids, doc_ids=doc_ids)                                        # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                           reduction="none").view(labels.shape)
+    """Per-position cross-entropy (fp32), 0 where labels is IGNORE. (B, T) -> (B, T). The logits exist
+    1024 positions at a time (M.checkpointed_chunks): B×T×V is never held, in fp32 or otherwise."""
+    hidden = model(ids, doc_ids=doc_ids, return_hidden=True)                   # (B, T, d)
+    head = M.unwrap(model).lm_head
+
+    def chunk_losses(h, y):                                                     # (C, d), (C,) -> (C,)
+        return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="none")
+    return torch.cat(list(M.checkpointed_chunks(chunk_losses, hidden.flatten(0, 1), labels.flatten()))).view(labels.shape)
 
 
 def all_reduce_sum(values, device):
