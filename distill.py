@@ -53,7 +53,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -167,7 +166,7 @@ def write_chunk(store_dir, index, arrays, counts):
     """Write one chunk's arrays into a temporary directory, then rename it into place: a chunk directory
     either holds every array or does not exist, which is what lets an interrupted dump resume."""
     final = os.path.join(store_dir, chunk_name(index))
-    tmp = tempfile.mkdtemp(prefix=f".{chunk_name(index)}.tmp-", dir=store_dir)
+    tmp = nano.temp_dir_beside(final)
     try:
         for name, array in arrays.items():
             np.save(os.path.join(tmp, f"{name}.npy"), array)
@@ -407,7 +406,7 @@ def dump(args):
 
     nano.print0(f"teacher {args.teacher} ({dtype}, vocab {V}) | conversations: {counts['kept']} kept, "
                 f"{counts['truncated']} truncated, {counts['dropped']} dropped (longer than --max-len {args.max_len}, "
-                f"--overlong {args.overlong}) | {n_chunks} chunks | template {template} | top-k {args.top_k}")
+                f"--overlong {args.overlong}), {counts['unmaskable']} unmaskable | {n_chunks} chunks | template {template} | top-k {args.top_k}")
     ids_type, tokens_type = id_dtype(V), id_dtype(max(V, tok.vocab_size))
     mine = [c for c in range(n_chunks) if c % world == rank]               # each rank writes its own chunks
     todo = [c for c in mine if not os.path.isdir(os.path.join(args.out, chunk_name(c)))]

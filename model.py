@@ -523,11 +523,22 @@ def _parse_size(size) -> int:
     return int(s)
 
 
-def atomic_directory(path):
-    """A temporary directory next to `path`, and `commit()`, which replaces `path` with it in one rename."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
+def temp_dir_beside(path):
+    """A new, empty, hidden directory next to `path` (same filesystem: a rename moves it into place), with
+    the permissions a plain mkdir gives. mkdtemp's own are private (0700), and models, checkpoints, token
+    caches and top-k stores are read by other jobs and users on a shared filesystem."""
+    parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def atomic_directory(path):
+    """A temporary directory next to `path`, and `commit()`, which replaces `path` with it in one rename."""
+    tmp = temp_dir_beside(path)
 
     def commit():
         if os.path.isdir(path):                  # replace: move the old one aside, then drop it
@@ -655,7 +666,7 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None:
+    if top_k is not None and top_k > 0:                    # 0: no top-k filter (as in transformers)
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
@@ -681,9 +692,10 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     doc_ids = (torch.arange(longest, device=device)[None] >= torch.tensor(pad, device=device)[:, None]).long()
     eos = set([eos_id] if isinstance(eos_id, int) else (eos_id or []))
     cache = KVCache(model.config, B, longest + max_new_tokens, device, model.model.embed_tokens.weight.dtype)
-    logits = model(ids, doc_ids=doc_ids if any(pad) else None, cache=cache)[:, -1]         # (B, V)
+    last = torch.arange(B, device=device) * longest + longest - 1                           # flat (B,)
+    logits = model(ids, doc_ids=doc_ids if any(pad) else None, cache=cache, logits_at=last)   # (B, V)
     out, done = [[] for _ in range(B)], [False] * B
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if vocab_limit is not None:
             logits[:, vocab_limit:] = float("-inf")
         nxt = sample_next(logits, temperature, top_k, top_p, generator)                     # (B,)
@@ -691,7 +703,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
             if not done[b]:
                 out[b].append(t)
                 done[b] = t in eos
-        if all(done):
+        if all(done) or step == max_new_tokens - 1:
             break
         logits = model(nxt[:, None], cache=cache)[:, -1]
     return out

@@ -31,7 +31,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -41,7 +40,7 @@ from tqdm import tqdm
 
 from model import (Config, Transformer, adamw, checkpointed_chunks, close_distributed, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
                    latest_checkpoint, load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger,
-                   model_device, parallelize,
+                   model_device, parallelize, temp_dir_beside,
                    save_checkpoint, set_grad_sync)
 
 
@@ -246,9 +245,7 @@ class CacheWriter:
 
     def __init__(self, final_dir: str, dtype, source: str):
         self.final_dir, self.dtype, self.source = final_dir, np.dtype(dtype), source
-        os.makedirs(os.path.dirname(final_dir), exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=os.path.dirname(final_dir))
-        os.chmod(self.tmp, 0o755)            # mkdtemp makes it private; the cache is shared by runs and users
+        self.tmp = temp_dir_beside(final_dir)    # (readable by others: the cache is shared by runs and users)
         self.f = open(os.path.join(self.tmp, "tokens.npy"), "wb")
         self.header_len = len(self._header(0))
         self.f.write(b"\0" * self.header_len)

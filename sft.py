@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 
 import torch
@@ -262,7 +261,8 @@ def train(args):
     train, counts = M.render_conversations(train_convs, args.chat_template, tokenizer, args.seq_len, args.overlong)
     val, val_counts = M.render_conversations(val_convs, args.chat_template, tokenizer, args.seq_len, args.overlong)
     print0(f"train conversations: {counts['kept']} kept, {counts['truncated']} truncated, {counts['dropped']} "
-           f"dropped (longer than {args.seq_len} tokens, --overlong {args.overlong}); held out: {len(val)}")
+           f"dropped (longer than {args.seq_len} tokens, --overlong {args.overlong}), {counts['unmaskable']} dropped "
+           f"(an assistant turn's edge merges with the template into one token); held out: {len(val)}")
     if not train:
         raise SystemExit("no training conversation fits --seq-len")
     lengths = [len(ids) for ids, _ in train]

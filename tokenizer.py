@@ -704,11 +704,16 @@ def render_chat(messages, template, tokenizer):
             continue                                  # not a seam: same flag on both sides
         prefix = ids if end == len(text) else tokenizer.encode(text[:end])
         if prefix != ids[:len(prefix)]:
-            raise ValueError(f"chat template {template!r}: the tokenizer joins the text on both sides of "
+            raise UnmaskableTurn(f"chat template {template!r}: the tokenizer joins the text on both sides of "
                              f"{text[max(0, end - 20):end]!r}|{text[end:end + 20]!r} into one token, so the "
                              "assistant turn cannot be masked exactly")
         mask += [supervised] * (len(prefix) - len(mask))
     return ids, mask
+
+
+class UnmaskableTurn(ValueError):
+    """A turn's first or last token merges with the template around it (byte-level BPE joins "\n" + "\n"),
+    so no token boundary separates what is supervised from what is not."""
 
 
 def chat_prompt(messages, template, tokenizer):
@@ -738,10 +743,15 @@ def choose_chat_template(requested, model_dir, model_type, tokenizer):
 def render_conversations(conversations, template, tokenizer, max_len, overlong):
     """Render each conversation, applying the over-long policy: "drop" a conversation longer than
     max_len tokens, or "truncate" it to its first max_len (dropped anyway if no supervised token is left).
-    -> (examples [(ids, loss_mask)], counts {kept, truncated, dropped})."""
-    examples, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
+    A conversation whose assistant turn cannot be masked exactly (UnmaskableTurn) is dropped and counted.
+    -> (examples [(ids, loss_mask)], counts {kept, truncated, dropped, unmaskable})."""
+    examples, counts = [], {"kept": 0, "truncated": 0, "dropped": 0, "unmaskable": 0}
     for messages in conversations:
-        ids, mask = render_chat(messages, template, tokenizer)
+        try:
+            ids, mask = render_chat(messages, template, tokenizer)
+        except UnmaskableTurn:
+            counts["unmaskable"] += 1
+            continue
         if len(ids) > max_len:
             if overlong == "drop" or not any(mask[:max_len]):
                 counts["dropped"] += 1

@@ -5,7 +5,6 @@ import io
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -96,7 +95,6 @@ def test_sliding_windows_score_every_token_once():
         scored = []
         for k, (window, first) in enumerate(requests):
             assert len(window) <= max_len and first >= 1
-            begin = window[0]
             scored += window[first:]
             if k > 0:   # every scored token sees at least max_len - stride tokens before it
                 assert first >= max_len - stride

@@ -301,3 +301,25 @@ def test_checkpoints_are_complete_or_ignored(tmp_path):
     save_checkpoint(str(run), 4, model, {**state, "step": 4}, keep=2)
     assert latest_checkpoint(str(run)) == str(run / "checkpoints" / "step_000004")
     assert sorted(os.listdir(run / "checkpoints")) == ["step_000002", "step_000004"]   # the 2 newest complete ones
+
+
+def test_generate_runs_one_forward_per_new_token_and_top_k_0_is_off(tmp_path):
+    """Prefill plus one forward per further token: none after the last one. top_k=0 means no top-k filter."""
+    make_hf_model("llama", tmp_path / "hf")
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    out = generate(model, [[1, 5, 6], [1, 7]], 5)
+    assert [len(o) for o in out] == [5, 5] and len(calls) == 5
+    g = torch.Generator().manual_seed(0)
+    sampled = generate(model, [[1, 5, 6]], 4, temperature=0.7, top_k=0, generator=g)[0]
+    assert len(sampled) == 4 and all(0 <= t < 101 for t in sampled)
+
+
+def test_saved_directories_are_readable_by_others(tmp_path):
+    """mkdtemp makes private (0700) directories; a saved model gets what a plain mkdir would give."""
+    make_hf_model("llama", tmp_path / "hf")
+    Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "out")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask

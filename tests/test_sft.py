@@ -213,9 +213,37 @@ def test_pack_and_overlong_policy(chat_tokenizers):
     lengths = [len(M.render_chat(m, "chatml", tok)[0]) for m in CONVERSATIONS]
     seq_len = sorted(lengths)[1]                                     # the longest one does not fit
     kept, counts = M.render_conversations(CONVERSATIONS, "chatml", tok, seq_len, "drop")
-    assert counts == {"kept": 2, "truncated": 0, "dropped": 1} and len(kept) == 2
+    assert counts == {"kept": 2, "truncated": 0, "dropped": 1, "unmaskable": 0} and len(kept) == 2
     kept, counts = M.render_conversations(CONVERSATIONS, "chatml", tok, seq_len, "truncate")
-    assert counts == {"kept": 2, "truncated": 1, "dropped": 0} and max(len(ids) for ids, _ in kept) == seq_len
+    assert counts == {"kept": 2, "truncated": 1, "dropped": 0, "unmaskable": 0} and max(len(ids) for ids, _ in kept) == seq_len
+
+
+def test_unmaskable_turn_is_dropped_not_fatal(tmp_path):
+    """A byte-level BPE (Qwen-style, regex splitting "\s*[\r\n]+") merges the template's "assistant\n"
+    with an answer that starts with "\n" into one token: that conversation cannot be masked exactly, so
+    it is dropped and counted; the others are kept (it used to stop the whole run)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizer_samples import EN, RU
+    split = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator((EN + RU + "\n\n\n").split(" "), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>"}))
+    tok = M.load_tokenizer(tmp_path)
+    convs = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
+             for answer in ("Hello", "\nHello", " Hello")]
+    with pytest.raises(ValueError, match="cannot be masked exactly"):
+        M.render_chat(convs[1], "chatml", tok)
+    kept, counts = M.render_conversations(convs, "chatml", tok, 64, "drop")
+    assert counts == {"kept": 2, "truncated": 0, "dropped": 0, "unmaskable": 1}
+    supervised = [[i for i, m in zip(ids, mask) if m] for ids, mask in kept]    # the answer, then <|im_end|>
+    assert [tok.decode(s[:-1]) for s in supervised] == ["Hello", " Hello"]
+    assert [s[-1] for s in supervised] == [tok.special_tokens["<|im_end|>"]] * 2
 
 
 @pytest.mark.parametrize("content, message", [
