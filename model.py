@@ -447,8 +447,9 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None):
         return load_pretrained(cls, path, device, dtype)
 
-    def save_pretrained(self, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, state_dict=None):
-        save_pretrained(self, path, max_shard_size, tokenizer_dir, extra_files, state_dict)
+    def save_pretrained(self, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, state_dict=None,
+                        generation_config=None):
+        save_pretrained(self, path, max_shard_size, tokenizer_dir, extra_files, state_dict, generation_config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -551,11 +552,14 @@ def atomic_directory(path):
     return tmp, commit
 
 
-def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, state_dict=None):
+def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, state_dict=None,
+                    generation_config=None):
     """Write an HF model directory atomically: config.json, generation_config.json, safetensors
     (sharded with an index above max_shard_size), the tokenizer files, and any extra files.
     Tied weights are stored once (as `model.embed_tokens.weight`), as transformers does.
-    state_dict: the full weights when the model itself holds only a shard (FSDP; see full_state_dict)."""
+    state_dict: the full weights when the model itself holds only a shard (FSDP; see full_state_dict).
+    generation_config: the dict to start generation_config.json from (default: the source model's);
+    the config's bos/eos/pad ids override its own, and suppress_tokens is recomputed."""
     from safetensors.torch import save_file
     tmp, _ = atomic_directory(path)
     try:
@@ -566,11 +570,7 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
         cfg.torch_dtype = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_hf(), f, indent=2, ensure_ascii=False)
-        gen = {}
-        src_gen = os.path.join(model.source_dir or "", "generation_config.json")
-        if model.source_dir and os.path.isfile(src_gen):
-            with open(src_gen) as f:
-                gen = json.load(f)
+        gen = dict(generation_config) if generation_config is not None else read_generation_config(model.source_dir)
         gen.update({k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                                       ("pad_token_id", cfg.pad_token_id)) if v is not None})
         tok_src = tokenizer_dir or model.source_dir
@@ -622,6 +622,15 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_generation_config(model_dir):
+    """A model directory's generation_config.json as a dict ({} when there is none)."""
+    path = os.path.join(model_dir or "", "generation_config.json")
+    if not (model_dir and os.path.isfile(path)):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def install_model_files(tmp, path):

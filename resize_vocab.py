@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from model import Transformer
+from model import Transformer, read_generation_config
 from tokenizer import (SentencePieceTokenizer, byte_level_alphabet, load_sp_proto, load_tokenizer, sp_model_pb2,
                        write_hf_tokenizer_files)
 
@@ -102,6 +102,11 @@ def extend_vocabulary(base_proto, new_proto):
     if base_type != new_type:
         raise ValueError(f"--mode extend: the base tokenizer is {base_type} and the new one {new_type}; extend "
                          "needs both of one type, use --mode replace")
+    if base_type != "BPE":
+        # BPE scores only order the merges, so new pieces can go after every base merge; a unigram score is a
+        # log-probability, and pieces scored below every base piece are almost never chosen
+        raise ValueError(f"--mode extend: the tokenizers are {base_type}; extend works with BPE (Llama/Mistral), "
+                         "use --mode replace")
     merged = pb2.ModelProto()
     merged.CopyFrom(base_proto)
     have = {p.piece for p in merged.pieces}
@@ -273,6 +278,17 @@ def resize(args):
         cfg.eos_token_id = ([new_id(e) for e in cfg.eos_token_id] if isinstance(cfg.eos_token_id, list)
                             else new_id(cfg.eos_token_id))
         report["config_token_ids"] = {k: {"base": v, "new": getattr(cfg, k)} for k, v in old_ids.items()}
+        # generation_config.json's ids follow their tokens too (Qwen keeps its pad id and an eos list only
+        # there); one whose token the new vocabulary lacks is dropped, never left pointing at another token
+        gen = read_generation_config(args.model)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+            if key in gen:
+                ids = [new_id(i) for i in (gen[key] if isinstance(gen[key], list) else [gen[key]])]
+                ids = [i for i in ids if i is not None]
+                if not ids:
+                    del gen[key]
+                else:
+                    gen[key] = ids if isinstance(gen[key], list) else ids[0]
 
         kinds = [kind for kind, _ in plan]
         report.update({
@@ -291,7 +307,7 @@ def resize(args):
             report["note"] = (f"transformers 5's AutoTokenizer builds a byte-level Qwen2Tokenizer for model_type "
                               f"{cfg.model_type} whatever tokenizer_config.json says, which mis-encodes this "
                               "SentencePiece vocabulary; load it with PreTrainedTokenizerFast.from_pretrained(dir)")
-        model.save_pretrained(out, tokenizer_dir=tok_dir,
+        model.save_pretrained(out, tokenizer_dir=tok_dir, generation_config=gen,
                               extra_files={"resize_vocab.json": json.dumps(report, indent=2, ensure_ascii=False)})
     finally:
         shutil.rmtree(tok_dir, ignore_errors=True)

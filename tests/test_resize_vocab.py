@@ -200,8 +200,15 @@ def test_byte_level_json_base_replace(work, new_tok):
     tok_dir = byte_level_tokenizer(work / "qwen_tok", RU + EN, 400)
     base_dir = make_model_dir(work / "qwen_base", "qwen2", [tok_dir / "tokenizer.json", tok_dir / "tokenizer_config.json"],
                               400, bos_token_id=None, eos_token_id=2, pad_token_id=0)
+    # ids that only generation_config.json holds (base ids: 0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>)
+    gen_path = base_dir / "generation_config.json"
+    gen_path.write_text(json.dumps({**json.loads(gen_path.read_text()), "bos_token_id": 0, "eos_token_id": [2, 0],
+                                    "decoder_start_token_id": 1}))
     out = work / "qwen_out"
     run("--model", base_dir, "--tokenizer", new_tok, "--out", out)
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["decoder_start_token_id"], gen["pad_token_id"]) == (600, 3, 600)
+    assert gen["eos_token_id"] == 4                     # config.json's (remapped) eos wins, as for every save
     base, model = Transformer.from_pretrained(base_dir), Transformer.from_pretrained(out)
     W0, W1 = base.model.embed_tokens.weight, model.model.embed_tokens.weight
     hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
@@ -249,6 +256,11 @@ def test_bad_inputs_leave_nothing(work, new_tok, mistral_base, base_sp):
     unigram = train_sp(bad / "unigram.model", RU + EN, 500, model_type="unigram")
     fails("the base tokenizer is BPE and the new one UNIGRAM.*use --mode replace", "--model", mistral_base,
           "--tokenizer", unigram, "--mode", "extend")
+    (bad / "uni_tok").mkdir()
+    (bad / "uni_tok" / "tokenizer.model").write_bytes(unigram.read_bytes())
+    unigram_base = make_model_dir(bad / "uni_base", "mistral", [bad / "uni_tok" / "tokenizer.model"], 512)
+    fails("the tokenizers are UNIGRAM; extend works with BPE", "--model", unigram_base, "--tokenizer", unigram,
+          "--mode", "extend")
     json_base = make_model_dir(bad / "json_base", "qwen2",
                                [byte_level_tokenizer(bad / "qt", RU + EN, 300) / "tokenizer.json"], 300)
     fails("is tokenizer.json, not SentencePiece.*use --mode replace", "--model", json_base, "--tokenizer", new_tok,
