@@ -428,6 +428,20 @@ def _default_roles(proto):
             "pad_token": piece(ts.pad_id), "unk_token": piece(ts.unk_id)}
 
 
+def _metaspace(prefix):
+    """The pre-tokenizer: spaces become "▁", and with SentencePiece's add_dummy_prefix one "▁" goes in front
+    of the text's first segment (not after special tokens). A single Metaspace(prepend_scheme="first")
+    skips the prefix when the text already starts with a space (" x" -> "▁x"), where sentencepiece always
+    adds it (" x" -> "▁▁x"). So: spaces to "▁" (no prefix); a Metaspace whose replacement is " " now
+    always finds a text that does not start with " " and prepends one; the third turns that " " to "▁"."""
+    def metaspace(replacement, scheme):
+        return {"type": "Metaspace", "replacement": replacement, "prepend_scheme": scheme, "split": False}
+    if not prefix:
+        return metaspace("▁", "never")
+    return {"type": "Sequence", "pretokenizers": [metaspace("▁", "never"), metaspace(" ", "first"),
+                                                  metaspace("▁", "never")]}
+
+
 def write_hf_tokenizer_files(sp_model, out_dir, roles=None, chat_template=None, model_max_length=None):
     """Write tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir.
 
@@ -491,8 +505,7 @@ def write_hf_tokenizer_files(sp_model, out_dir, roles=None, chat_template=None, 
     tokenizer_json = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added_tokens,
         "normalizer": None,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first" if prefix else "never",
-                          "split": False},
+        "pre_tokenizer": _metaspace(prefix),
         "post_processor": post_processor,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": model,

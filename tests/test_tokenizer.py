@@ -191,6 +191,15 @@ def test_autotokenizer_encodes_like_sentencepiece(trained, tmp_path, model_type)
     assert hf.encode(CHAT, add_special_tokens=False) == ours.encode(CHAT)
     assert hf.decode(hf.encode(PARAGRAPH, add_special_tokens=False)) == PARAGRAPH
     assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (1, 2, 0)
+    for text in EDGE_TEXTS:                                   # whitespace first: sentencepiece still adds its "▁"
+        assert hf.encode(text, add_special_tokens=False) == ours.encode(text), repr(text)
+        if "<|" not in text:                                  # (chat tokens: our encoder splits on them first)
+            assert ours.encode(text) == sp.encode(text), repr(text)
+
+
+# texts that begin with whitespace (indented paragraphs, code) or are only whitespace
+EDGE_TEXTS = [" leading space", "  two leading", "     indented paragraph", "\tTab first", "\nnewline first",
+              " ", "   ", "a  b   c", "trailing  ", "<|im_start|> x", "x<|im_end|>  y"]
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="without tokenizer.json, transformers 5's generic backend converts "
@@ -209,14 +218,14 @@ def test_autotokenizer_with_only_tokenizer_model(trained, tmp_path):
 def test_llama2_tokenizer_json_matches_sentencepiece(tmp_path):
     write_hf_tokenizer_files(LLAMA2, tmp_path)
     sp = spm.SentencePieceProcessor(model_file=str(LLAMA2))
-    texts = [PARAGRAPH, CHAT,
+    texts = [PARAGRAPH, CHAT, *EDGE_TEXTS,
              (SHARED / "ru" / "Turgenev_Rudin.txt").read_text(encoding="utf-8")[:20000],
              (SHARED / "en" / "tinyshakespeare_input.txt").read_text(encoding="utf-8")[:20000]]
     hf = _autotokenizer(tmp_path)
     for text in texts:
         assert hf.encode(text, add_special_tokens=False) == sp.encode(text)
     tok = load_tokenizer(tmp_path)
-    assert tok.encode(texts[2]) == sp.encode(texts[2]) and tok.vocab_size == 32000
+    assert tok.encode(texts[-2]) == sp.encode(texts[-2]) and tok.vocab_size == 32000
 
 
 def test_input_directory_stands_for_its_text_files(tmp_path):
