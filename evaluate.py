@@ -407,8 +407,9 @@ def generate_all(model, tok, encoded, template, args):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     order = sorted(encoded, key=lambda i: len(encoded[i]))
     batches = [order[s:s + args.batch_size] for s in range(0, len(order), args.batch_size)]
-    if order:   # warm up (kernels, allocator, thread pools) so the first batch's speed is not an outlier
-        generate(model, [encoded[order[0]]], 2, vocab_limit=tok.vocab_size)
+    if order:   # warm up (kernels, allocator, thread pools) so the first batch's speed is not an outlier;
+        # with the first real batch: its padding takes other kernel variants (packed rows) than one prompt
+        generate(model, [encoded[i] for i in batches[0]], 2, vocab_limit=tok.vocab_size)
     results, seconds = [], 0.0
     for batch in tqdm(batches, desc="generating", disable=not is_rank0() or not batches, file=sys.stderr, leave=False):
         if device.type == "cuda":
