@@ -416,7 +416,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START,
 
 
 # --------------------------------------------------------------------------------------------------
-# autograd wrapper
+# the two custom ops (forward, backward) and the public function
 
 def _last_dim_contiguous(x):
     # the kernels index (b, h, t) by stride and assume the head dim is packed (16-byte loads)
