@@ -513,10 +513,22 @@ def load_batch(store, micro, device):
     return input_ids, doc_ids, flat, gold, teacher
 
 
-def student_logits(model, input_ids, doc_ids, flat, autocast):
-    """(N, V) fp32 logits of the student at the rows only."""
+def student_losses(model, input_ids, doc_ids, flat, gold, t, autocast, **loss_args):
+    """distill_loss at the stored rows: (loss, ce, kd, w), (N,) each. The student's hidden states at the rows
+    go through its head 1024 rows at a time (model.checkpointed_chunks, recomputed in the backward pass),
+    so the (N, V) fp32 logits and the loss's (N, V) temporaries exist for one chunk at a time."""
     with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        return model(input_ids, doc_ids=doc_ids, logits_at=flat).float()         # (N, V)
+        h = hidden_at(model, input_ids, doc_ids, flat)                           # (N, d)
+    head = nano.unwrap(model).lm_head
+
+    def rows(h, gold, topk_ids, topk_logprobs, tail_logprob, gold_logprob, log_partition):
+        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = head(h).float()                                             # (C, V)
+        return distill_loss(logits, gold, topk_ids, topk_logprobs, tail_logprob, gold_logprob, log_partition,
+                            **loss_args)
+    parts = nano.checkpointed_chunks(rows, h, gold, t["topk_ids"], t["topk_logprobs"], t["tail_logprob"],
+                                     t["gold_logprob"], t["log_partition"])
+    return tuple(torch.cat(x) for x in zip(*parts))
 
 
 @torch.no_grad()
@@ -530,11 +542,10 @@ def evaluate_heldout(model, store, conversations, lengths, args, device, rank, w
     for i in range(math.ceil(len(batches) / world)):
         spare = rank + i * world >= len(batches)
         input_ids, doc_ids, flat, gold, t = load_batch(store, batches[0 if spare else rank + i * world], device)
-        logits = student_logits(model, input_ids, doc_ids, flat, autocast)
+        _, ce, kl, _ = student_losses(model, input_ids, doc_ids, flat, gold, t, autocast, tail="bucket",
+                                      weighting="constant")
         if spare:
             continue
-        _, ce, kl, _ = distill_loss(logits, gold, t["topk_ids"], t["topk_logprobs"], t["tail_logprob"],
-                                    t["gold_logprob"], t["log_partition"], tail="bucket", weighting="constant")
         sums += torch.stack([ce.sum(), kl.sum(), -t["gold_logprob"].sum(), torch.tensor(float(len(gold)))]).double()
     import torch.distributed as dist
     if dist.is_initialized():
@@ -659,10 +670,9 @@ def train(args):
         for m in range(args.grad_accum):
             input_ids, doc_ids, flat, gold, t = load_batch(store, step_micro[m * world + rank], device)
             nano.set_grad_sync(model, m == args.grad_accum - 1)                   # DDP: one all-reduce per optimizer step
-            logits = student_logits(model, input_ids, doc_ids, flat, autocast)    # (N, V) fp32, stored rows only
-            loss, ce, kd, w = distill_loss(logits, gold, t["topk_ids"], t["topk_logprobs"], t["tail_logprob"],
-                                           t["gold_logprob"], t["log_partition"], args.kd_weight, args.temperature,
-                                           args.kd_tail, args.kd_weighting, args.seed_eps)
+            loss, ce, kd, w = student_losses(model, input_ids, doc_ids, flat, gold, t, autocast,
+                                             kd_weight=args.kd_weight, temperature=args.temperature,
+                                             tail=args.kd_tail, weighting=args.kd_weighting, eps=args.seed_eps)
             # sum over rows / global rows; × world because DDP averages the ranks' gradients
             (loss.sum() * world / n_rows).backward()
             sums += torch.stack([loss.sum(), ce.sum(), kd.sum(), w.sum()]).detach().double()
