@@ -533,7 +533,8 @@ def temp_dir_beside(path):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    setgid = os.stat(parent).st_mode & 0o2000           # a group-shared parent passes its group on, as for mkdir
+    os.chmod(tmp, (0o777 & ~umask) | setgid)
     return tmp
 
 
@@ -571,8 +572,11 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_hf(), f, indent=2, ensure_ascii=False)
         gen = dict(generation_config) if generation_config is not None else read_generation_config(model.source_dir)
-        gen.update({k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
-                                      ("pad_token_id", cfg.pad_token_id)) if v is not None})
+        for key, value in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                           ("pad_token_id", cfg.pad_token_id)):
+            if value is None or (key == "eos_token_id" and isinstance(gen.get(key), list) and value in gen[key]):
+                continue        # (Qwen: a list of stop ids that holds config.json's eos stays a list)
+            gen[key] = value
         tok_src = tokenizer_dir or model.source_dir
         has_tokenizer = tok_src and any(os.path.isfile(os.path.join(tok_src, n)) for n in TOKENIZER_FILES)
         if tok_src and any(os.path.isfile(os.path.join(tok_src, n)) for n in ("tokenizer.model", "tokenizer.json")):

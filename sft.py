@@ -240,8 +240,6 @@ def train(args):
     trainable = [p for p in raw.parameters() if p.requires_grad]
 
     print0("arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
-    if rank == 0:
-        write_json(os.path.join(args.out, "args.json"), vars(args))
     print0(f"chat template: {args.chat_template}; tokens added to the vocabulary: "
            f"{', '.join(f'{t} (id {i})' for t, i in zip(added, added_ids)) or 'none'}"
            + (" -- their rows start at the mean and stay frozen under LoRA" if added and lora else ""))
@@ -289,6 +287,8 @@ def train(args):
                                                 "chat_template", "epochs")} | {"rows_per_step": rows_per_step}
     start_step = M.resume_training(ckpt, model, optimizer, lora, data_plan) if ckpt is not None else 0
     log = M.metrics_logger(args.out, start_step)
+    if rank == 0:                                       # (after resume's checks: a refused run changes nothing)
+        write_json(os.path.join(args.out, "args.json"), vars(args))
 
     def checkpoint(step):
         weights, optim_state = M.full_state_dict(model, optimizer)     # a collective under FSDP

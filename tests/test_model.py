@@ -323,3 +323,7 @@ def test_saved_directories_are_readable_by_others(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask
+    (tmp_path / "group").mkdir()
+    os.chmod(tmp_path / "group", 0o2775)                    # a group-shared directory: mkdir inherits setgid
+    Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "group" / "out")
+    assert os.stat(tmp_path / "group" / "out").st_mode & 0o2000

@@ -208,7 +208,7 @@ def test_byte_level_json_base_replace(work, new_tok):
     run("--model", base_dir, "--tokenizer", new_tok, "--out", out)
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["decoder_start_token_id"], gen["pad_token_id"]) == (600, 3, 600)
-    assert gen["eos_token_id"] == 4                     # config.json's (remapped) eos wins, as for every save
+    assert gen["eos_token_id"] == [4, 600]              # the stop list, remapped (it holds config.json's eos)
     base, model = Transformer.from_pretrained(base_dir), Transformer.from_pretrained(out)
     W0, W1 = base.model.embed_tokens.weight, model.model.embed_tokens.weight
     hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))

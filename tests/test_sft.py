@@ -330,6 +330,7 @@ def test_sft_end_to_end_and_resume(tmp_path, mode):
     assert M.latest_checkpoint(str(out)).endswith("step_000002")
     with pytest.raises(ValueError, match="'seq_len' was 64 .*, now 48; step 2 would not mean the same rows"):
         run_sft(base, data, out, *extra, "--resume", "--seq-len", "48")
+    assert json.load(open(out / "args.json"))["seq_len"] == 64          # the refused run wrote nothing
     resumed = run_sft(base, data, out, *extra, "--resume")
     assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]          # no duplicated records
     for r in resumed:
