@@ -151,13 +151,6 @@ def sha256_json(obj):
     return hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
-def write_json_atomic(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 def chunk_name(index):
     return f"chunk_{index:06d}"
 
@@ -170,7 +163,7 @@ def write_chunk(store_dir, index, arrays, counts):
     try:
         for name, array in arrays.items():
             np.save(os.path.join(tmp, f"{name}.npy"), array)
-        write_json_atomic(os.path.join(tmp, "chunk.json"), counts)
+        nano.write_json_atomic(os.path.join(tmp, "chunk.json"), counts)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -398,8 +391,8 @@ def dump(args):
             raise ValueError(f"{plan_path}: this store was started with different settings ({', '.join(differ)}); "
                              "use another --out, or delete the store to start over")
     if rank == 0:
-        write_json_atomic(plan_path, plan)
-        write_json_atomic(os.path.join(args.out, "tokenizer_pieces.json"), pieces)
+        nano.write_json_atomic(plan_path, plan)
+        nano.write_json_atomic(os.path.join(args.out, "tokenizer_pieces.json"), pieces)
     if os.path.isfile(os.path.join(args.out, "meta.json")):
         nano.print0(f"{args.out}: complete already (meta.json exists); nothing to do")
         return
@@ -470,7 +463,7 @@ def write_meta(out, plan, vocab_size, tok, elapsed, world):
             "bytes_per_stored_row": round(nbytes / total("rows"), 2),
             "last_run": {"world_size": world, "seconds": round(elapsed, 2)},
             "chunks": chunks}
-    write_json_atomic(os.path.join(out, "meta.json"), meta)
+    nano.write_json_atomic(os.path.join(out, "meta.json"), meta)
     nano.print0(f"{out}: {meta['counts']['rows']} rows of {meta['counts']['tokens']} tokens, {nbytes / 1e6:.1f} MB: "
                 f"{meta['bytes_per_stored_row']} B per stored row, {meta['bytes_per_token']} B per conversation token")
 
@@ -621,7 +614,7 @@ def train(args):
     log = nano.metrics_logger(args.out, start_step)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        write_json_atomic(os.path.join(args.out, "args.json"), vars(args))
+        nano.write_json_atomic(os.path.join(args.out, "args.json"), vars(args))
     nano.print0("arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
     nano.print0(f"store {args.store}: {len(store)} conversations, {int(rows_per_conversation.sum())} rows, top-{store.k} "
                 f"| {len(train_ids)} train, {n_eval} held out | {total_steps} steps of {per_step} micro-batches | "

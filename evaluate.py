@@ -50,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from model import (CHAT_TEMPLATES, Transformer, chat_prompt, close_distributed, generate, init_distributed, is_rank0,
-                   load_tokenizer, print0)
+                   load_tokenizer, print0, write_json_atomic)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -555,13 +555,6 @@ def markdown_table(reports, names, script):
     return "\n".join(lines)
 
 
-def write_json_atomic(obj, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------
 # 8. command line
 # ------------------------------------------------------------------------------------------------
@@ -636,7 +629,7 @@ def run(args):
     names = column_names(args.models)
     report = dict(args=dict(vars(args), world_size=world_size, dtype=dtype), models=dict(zip(names, reports)))
     if args.out:
-        write_json_atomic(report, args.out)
+        write_json_atomic(args.out, report)
     print(markdown_table(reports, names, args.script), flush=True)
     return report
 

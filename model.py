@@ -628,6 +628,14 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
         raise
 
 
+def write_json_atomic(path, obj):
+    """obj as JSON at path, written to a temporary name and renamed: a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
 def read_generation_config(model_dir):
     """A model directory's generation_config.json as a dict ({} when there is none)."""
     path = os.path.join(model_dir or "", "generation_config.json")

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (Config, Transformer, adamw, checkpointed_chunks, close_distributed, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
-                   latest_checkpoint, load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger,
-                   model_device, parallelize, temp_dir_beside,
-                   save_checkpoint, set_grad_sync)
+from model import (Config, Transformer, adamw, checkpointed_chunks, close_distributed, full_state_dict,
+                   gpu_peak_flops, init_distributed, jsonl_texts, latest_checkpoint, load_optimizer_state,
+                   load_tokenizer, load_trainer_state, lr_at, metrics_logger, model_device, parallelize,
+                   save_checkpoint, set_grad_sync, temp_dir_beside, write_json_atomic)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -752,8 +752,7 @@ def train(args):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         print(json.dumps(run_args, indent=2), flush=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(run_args, f, indent=2)
+        write_json_atomic(os.path.join(args.out, "args.json"), run_args)
     record = metrics_logger(args.out, start_step)
 
     def evaluate(step):

@@ -27,7 +27,6 @@ What happens, top to bottom:
   8. a few sample answers to held-out prompts
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -181,16 +180,6 @@ def autocast(device):
 
 
 # ------------------------------------------------------------------------------------------------
-# saving
-# ------------------------------------------------------------------------------------------------
-def write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
 def main(argv=None):
@@ -288,7 +277,7 @@ def train(args):
     start_step = M.resume_training(ckpt, model, optimizer, lora, data_plan) if ckpt is not None else 0
     log = M.metrics_logger(args.out, start_step)
     if rank == 0:                                       # (after resume's checks: a refused run changes nothing)
-        write_json(os.path.join(args.out, "args.json"), vars(args))
+        M.write_json_atomic(os.path.join(args.out, "args.json"), vars(args))
 
     def checkpoint(step):
         weights, optim_state = M.full_state_dict(model, optimizer)     # a collective under FSDP
