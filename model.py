@@ -371,10 +371,8 @@ class Transformer(nn.Module):
         self.source_dir = None            # the HF directory this model was loaded from (tokenizer files live there)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, doc_ids=None, cache=None, return_hidden=False, logits_at=None):
-        """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, d) with return_hidden,
-        or with logits_at (N,) -- flat indices into the B·T positions -- the logits (N, V) of those
-        positions only (the head inside the forward, so DDP/FSDP see it; no B×T×V tensor).
+    def forward(self, input_ids, doc_ids=None, cache=None, return_hidden=False):
+        """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, d) with return_hidden.
 
         doc_ids (B, T): document index of each position, for packed sequences: attention stays inside
         each document and RoPE positions restart at each document's start.
@@ -403,8 +401,6 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
-        if logits_at is not None:
-            return self.lm_head(x.flatten(0, 1)[logits_at])                  # (N, V)
         return x if return_hidden else self.lm_head(x)
 
     # -- construction ------------------------------------------------------------------------------
@@ -578,8 +574,8 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
                 continue        # (Qwen: a list of stop ids that holds config.json's eos stays a list)
             gen[key] = value
         tok_src = tokenizer_dir or model.source_dir
-        has_tokenizer = tok_src and any(os.path.isfile(os.path.join(tok_src, n)) for n in TOKENIZER_FILES)
-        if tok_src and any(os.path.isfile(os.path.join(tok_src, n)) for n in ("tokenizer.model", "tokenizer.json")):
+        tok_files = [n for n in TOKENIZER_FILES if tok_src and os.path.isfile(os.path.join(tok_src, n))]
+        if "tokenizer.model" in tok_files or "tokenizer.json" in tok_files:
             # rows past the tokenizer's last id (vocabulary padding) have no token: transformers'
             # generate must never pick them. Recomputed at every save, never inherited: resize_vocab
             # renumbers the vocabulary and sft.py puts new special tokens into former padding rows.
@@ -612,10 +608,8 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-        if has_tokenizer:
-            for name in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(tok_src, name)):
-                    shutil.copy2(os.path.join(tok_src, name), os.path.join(tmp, name))
+        for name in tok_files:
+            shutil.copy2(os.path.join(tok_src, name), os.path.join(tmp, name))
         for name, content in (extra_files or {}).items():
             if callable(content):                   # writes the file itself (e.g. torch.save, no copy in memory)
                 content(os.path.join(tmp, name))
@@ -713,8 +707,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     doc_ids = (torch.arange(longest, device=device)[None] >= torch.tensor(pad, device=device)[:, None]).long()
     eos = set([eos_id] if isinstance(eos_id, int) else (eos_id or []))
     cache = KVCache(model.config, B, longest + max_new_tokens, device, model.model.embed_tokens.weight.dtype)
-    last = torch.arange(B, device=device) * longest + longest - 1                           # flat (B,)
-    logits = model(ids, doc_ids=doc_ids if any(pad) else None, cache=cache, logits_at=last)   # (B, V)
+    hidden = model(ids, doc_ids=doc_ids if any(pad) else None, cache=cache, return_hidden=True)  # (B, T0, d)
+    logits = model.lm_head(hidden[:, -1])           # (B, V): prompts are left-padded, all end at the last slot
     out, done = [[] for _ in range(B)], [False] * B
     for step in range(max_new_tokens):
         if vocab_limit is not None:
@@ -1034,7 +1028,7 @@ def checkpointed_chunks(fn, *args, chunk=1024):
     """fn over chunks of `chunk` rows of the (N, ...) tensor arguments (other arguments pass as they are),
     one result per chunk. With autograd on, each call is checkpointed: what fn builds inside, e.g. the
     (chunk, V) fp32 logits of a loss, is recomputed in the backward pass instead of kept, so the full
-    (N, V) never exists. pretrain.py and sft.py compute their losses through it."""
+    (N, V) never exists. pretrain.py, sft.py and distill.py compute their losses through it."""
     n = next(a for a in args if isinstance(a, torch.Tensor)).shape[0]
     for i in range(0, n, chunk):
         part = [a[i:i + chunk] if isinstance(a, torch.Tensor) else a for a in args]
