@@ -715,7 +715,8 @@ def train(args):
     raw.train()
     # MFU counts the reference's forward pass too (a third of a training step's FLOPs per weight)
     flops_per_token = raw.flops_per_token(T) + (ref.flops_per_token(T) / 3 if ref is not None else 0)
-    model = parallelize(raw, device, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)                 # DDP or FSDP2 under torchrun; `raw` itself otherwise
+    # DDP or FSDP2 under torchrun; `raw` itself (on `device`) otherwise
+    model = parallelize(raw, device, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)
     if ref is not None:
         ref = parallelize(ref, device, fsdp=args.fsdp)        # sharded under FSDP, left whole under DDP
     trained = [p for p in raw.parameters() if p.requires_grad]  # (after FSDP swapped in its sharded parameters)

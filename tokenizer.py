@@ -718,8 +718,8 @@ def render_chat(messages, template, tokenizer):
         prefix = ids if end == len(text) else tokenizer.encode(text[:end])
         if prefix != ids[:len(prefix)]:
             raise UnmaskableTurn(f"chat template {template!r}: the tokenizer joins the text on both sides of "
-                             f"{text[max(0, end - 20):end]!r}|{text[end:end + 20]!r} into one token, so the "
-                             "assistant turn cannot be masked exactly")
+                                 f"{text[max(0, end - 20):end]!r}|{text[end:end + 20]!r} into one token, so the "
+                                 "assistant turn cannot be masked exactly")
         mask += [supervised] * (len(prefix) - len(mask))
     return ids, mask
 
