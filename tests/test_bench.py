@@ -1,6 +1,7 @@
 """bench/ scripts run end to end on tiny shapes on the CPU, so that a GPU session (short, and rare)
 never spends its time on a broken script. These check the scripts, not speed: their timings on a CPU
-and under the Triton interpreter mean nothing, and no number in their tables is asserted on."""
+and under the Triton interpreter mean nothing, and no timing is asserted on. (--check's accuracy verdict
+is: its error ratios do not depend on the device.)"""
 import os
 import re
 import subprocess
@@ -36,7 +37,7 @@ def test_attention_check_smoke():
     out = run_bench("bench/attention.py", "--smoke", "--check")
     rows = table_rows(out, r"(causal|window \d+|\d+ docs)\s+(16|32)\s")
     assert len(rows) == 8 and "window None" not in out
-    assert out.strip().splitlines()[-1] in ("check: PASS", "check: FAIL")
+    assert out.strip().splitlines()[-1] == "check: PASS"     # fp16 here: ours within 2x SDPA's error, every cell
 
 
 def test_attention_sweep_smoke():
