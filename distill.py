@@ -164,7 +164,7 @@ def write_chunk(store_dir, index, arrays, counts):
         for name, array in arrays.items():
             np.save(os.path.join(tmp, f"{name}.npy"), array)
         nano.write_json_atomic(os.path.join(tmp, "chunk.json"), counts)
-        os.rename(tmp, final)
+        nano.rename_durably(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -354,6 +354,13 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def weights_stamp(model_dir):
+    """[name, bytes, mtime_ns] of each weights file. Hashing 15 GB of weights at every start would be
+    slow; a teacher retrained or copied over in place gets new files, and so a new stamp."""
+    names = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    return [[n, (st := os.stat(os.path.join(model_dir, n))).st_size, st.st_mtime_ns] for n in names]
+
+
 def dump(args):
     rank, _, world, device = nano.init_distributed()
     import torch.distributed as dist
@@ -374,6 +381,7 @@ def dump(args):
     n_chunks = math.ceil(len(conversations) / args.chunk_conversations)
     plan = {"format": STORE_FORMAT, "teacher": os.path.abspath(args.teacher),
             "teacher_config_sha256": file_sha256(os.path.join(args.teacher, "config.json")),
+            "teacher_weights": weights_stamp(args.teacher),
             "teacher_dtype": str(dtype).removeprefix("torch."), "data": [os.path.abspath(p) for p in args.data],
             "data_sha256": sha256_json([file_sha256(p) for p in args.data]), "tokenizer_sha256": sha256_json(pieces),
             "chat_template": template, "max_len": args.max_len, "positions": args.positions, "k": args.top_k,

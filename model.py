@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 # Tokenizers and chat templates live in tokenizer.py; re-exported here so every script imports from model.
 from tokenizer import (CHAT_ROLES, CHAT_SPECIAL_TOKENS, CHAT_TEMPLATES, TOKENIZER_FILES,  # noqa: F401
-                       chat_prompt, check_messages, choose_chat_template, jsonl_records, jsonl_texts,
-                       load_tokenizer, pack_greedy, read_conversations, render_chat, render_conversations, write_chat_tokenizer)
+                       chat_prompt, check_messages, choose_chat_template, fsync_dir, jsonl_records, jsonl_texts,
+                       load_tokenizer, pack_greedy, read_conversations, rename_durably, render_chat,
+                       render_conversations, replace_dir, sync_to_disk, write_chat_tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -535,18 +536,10 @@ def temp_dir_beside(path):
 
 
 def atomic_directory(path):
-    """A temporary directory next to `path`, and `commit()`, which replaces `path` with it in one rename."""
+    """A temporary directory next to `path`, and `commit()`, which replaces `path` with it in one rename
+    once everything written into it is on disk (tokenizer.replace_dir)."""
     tmp = temp_dir_beside(path)
-
-    def commit():
-        if os.path.isdir(path):                  # replace: move the old one aside, then drop it
-            old = tmp + ".old"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    return tmp, commit
+    return tmp, lambda: replace_dir(tmp, path)
 
 
 def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, state_dict=None,
@@ -627,7 +620,7 @@ def write_json_atomic(path, obj):
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    rename_durably(tmp, path)
 
 
 def read_generation_config(model_dir):
@@ -646,8 +639,9 @@ def install_model_files(tmp, path):
     weights and tokenizer files, then the new files move in with config.json last. Either way a
     directory with a config.json always has complete weights."""
     if not os.path.isdir(path):
-        os.rename(tmp, path)
+        rename_durably(tmp, path)
         return
+    sync_to_disk(tmp)
     old = [n for n in os.listdir(path) if n == "config.json" or n.endswith(".safetensors")
            or n == "model.safetensors.index.json" or n in TOKENIZER_FILES]
     for name in sorted(old, key=lambda n: n != "config.json"):
@@ -655,6 +649,7 @@ def install_model_files(tmp, path):
     for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
         os.replace(os.path.join(tmp, name), os.path.join(path, name))
     os.rmdir(tmp)
+    fsync_dir(path)                              # the renames themselves
 
 
 # ------------------------------------------------------------------------------------------------

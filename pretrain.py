@@ -41,7 +41,7 @@ from tqdm import tqdm
 from model import (Config, Transformer, adamw, checkpointed_chunks, close_distributed, full_state_dict,
                    gpu_peak_flops, init_distributed, jsonl_texts, latest_checkpoint, load_optimizer_state,
                    load_tokenizer, load_trainer_state, lr_at, metrics_logger, model_device, parallelize,
-                   save_checkpoint, set_grad_sync, temp_dir_beside, write_json_atomic)
+                   rename_durably, save_checkpoint, set_grad_sync, temp_dir_beside, write_json_atomic)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class CacheWriter:
             json.dump({**meta, "n_tokens": self.n_tokens, "n_docs": len(self.doc_starts), "max_id": self.max_id,
                        "dtype": self.dtype.name}, f, indent=2)
         try:
-            os.rename(self.tmp, self.final_dir)
+            rename_durably(self.tmp, self.final_dir)
         except OSError:        # another process (another node on a shared disk) finished it first
             shutil.rmtree(self.tmp, ignore_errors=True)
 

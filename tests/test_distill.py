@@ -340,6 +340,23 @@ def test_resumed_dump_with_other_settings_is_refused(env, tmp_path):
         distill.main(dump_args(env, store, "--top-k", "7"))
 
 
+def test_resumed_dump_with_a_retrained_teacher_is_refused(env, tmp_path, monkeypatch):
+    """Same path, same config.json, new weights written over the old ones: the chunks would mix two teachers."""
+    teacher = str(tmp_path / "teacher")
+    shutil.copytree(env["teacher"], teacher)
+    e = {**env, "teacher": teacher}
+    monkeypatch.setenv(distill.STOP_ENV, "1")
+    with pytest.raises(SystemExit, match="stopping after 1 chunk"):
+        distill.main(dump_args(e, str(tmp_path / "store")))
+    monkeypatch.delenv(distill.STOP_ENV)
+    retrained = nano.Transformer.from_pretrained(teacher)
+    with torch.no_grad():
+        retrained.lm_head.weight.mul_(1.5)
+    retrained.save_pretrained(teacher)
+    with pytest.raises(ValueError, match="different settings.*teacher_weights"):
+        distill.main(dump_args(e, str(tmp_path / "store")))
+
+
 # ------------------------------------------------------------------------------------------------
 # an interrupted dump resumes to the same store
 # ------------------------------------------------------------------------------------------------

@@ -327,3 +327,45 @@ def test_saved_directories_are_readable_by_others(tmp_path):
     os.chmod(tmp_path / "group", 0o2775)                    # a group-shared directory: mkdir inherits setgid
     Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "group" / "out")
     assert os.stat(tmp_path / "group" / "out").st_mode & 0o2000
+
+
+def test_saves_reach_the_disk_before_they_are_published(tmp_path, monkeypatch):
+    """Every file of a checkpoint (and of a save into a run directory) is fsynced before the rename that
+    gives it its final name, and the directory holding the new name is fsynced after that rename."""
+    from model import save_checkpoint
+    make_hf_model("llama", tmp_path / "hf")
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(kind, real):
+        def move(src, dst):
+            events.append((kind, os.path.realpath(src), os.path.realpath(dst)))
+            return real(src, dst)
+        return move
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename("rename", real_rename))
+    monkeypatch.setattr(os, "replace", rename("replace", real_replace))
+
+    def check(final, root):
+        """final: the published directory; root: the directory whose entry the last rename changed."""
+        final, root = os.path.realpath(final), os.path.realpath(root)
+        publish = max(i for i, e in enumerate(events) if e[0] != "fsync" and e[2].startswith(final))
+        synced = {e[1] for e in events[:publish] if e[0] == "fsync"}
+        source = {e[2]: e[1] for e in events[:publish + 1] if e[0] != "fsync"}       # final name -> written as
+        for name in os.listdir(final):
+            path = os.path.join(final, name)
+            written_at = source.get(path) or os.path.join(source.get(final, final), name)  # alone, or in its dir
+            if os.path.isfile(path):
+                assert written_at in synced, f"{name} was published before it was fsynced"
+        assert ("fsync", root) in events[publish + 1:], "the rename itself was not made durable"
+
+    save_checkpoint(str(tmp_path / "run"), 1, model, {"step": 1})
+    check(tmp_path / "run" / "checkpoints" / "step_000001", tmp_path / "run" / "checkpoints")
+    events.clear()
+    model.save_pretrained(tmp_path / "run")                  # the final model, into the run directory
+    check(tmp_path / "run", tmp_path / "run")
