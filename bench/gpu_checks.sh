@@ -16,6 +16,10 @@ export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 STEPS=${STEPS:-"1 2 3 4 5 6"}
 failed=""
+# what ran: the numbers below depend on these (the scripts were written against torch 2.14, triton 3.8,
+# transformers 5.23; bench/compile_check.py also passes with triton 3.6)
+$PYTHON -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__,
+'| transformers', transformers.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 for s in $STEPS; do
   echo "=== gpu_checks step $s ($(date +%T))"
   case $s in

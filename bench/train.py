@@ -64,7 +64,8 @@ def make_step(kind, p, layers, device):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        flops_model = Transformer(Config.from_hf(cfg_dict)).to("meta")
+        with torch.device("meta"):              # (built there: .to("meta") would untie a tied head)
+            flops_model = Transformer(Config.from_hf(cfg_dict))
         return step, flops_model
 
     with torch.device(device):
