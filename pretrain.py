@@ -784,10 +784,12 @@ def train(args):
         t_step = time.perf_counter()
         # this rank's slice of the global batch, as A micro-batches of B rows
         rows = data.global_batch(step, global_rows)[rank * A * B:(rank + 1) * A * B]
-        micro = [[t.to(device) for t in data.load(rows[i * B:(i + 1) * B])] for i in range(A)]
+        micro = [data.load(rows[i * B:(i + 1) * B]) for i in range(A)]       # A × [x, doc ids, y], (B, T) each
         # the loss is the sum over the valid labels of the whole global batch divided by their
-        # number: count them first, then each micro-batch adds its summed loss / count
+        # number: count them first (on the CPU: no wait for the GPU), then each micro-batch adds
+        # its summed loss / count
         n_valid = torch.tensor(float(sum((y != -100).sum().item() for _, _, y in micro)), device=device)
+        micro = [[t.to(device) for t in batch] for batch in micro]
         if world > 1:
             dist.all_reduce(n_valid)
         lr = lr_at(step - 1, args.lr, args.warmup_steps, max_steps, args.min_lr_ratio)
