@@ -337,10 +337,16 @@ def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
     one = metrics(tmp_path / "one")
     assert {"val_bpb/ru", "val_bpb/en", "val_bpb/docs"} <= set(one[0])
     w1 = Transformer.from_pretrained(str(tmp_path / "one")).state_dict()
-    for mode in ("ddp", "fsdp"):            # FSDP2 shards weights, gradients and optimiser state over the 2 ranks
+    # FSDP2 shards weights, gradients and optimiser state over the 2 ranks; here also with each layer
+    # compiled (inductor) and checkpointed, as a 7B run would be: still the same numbers. (Inductor
+    # rounds differently, and Adam turns the sign of a near-zero gradient into a whole lr-sized step, so
+    # there a weight or two differ by ~1e-4: each tensor's difference is measured against its update.)
+    fsdp = ["--fsdp", "--compile", "--activation-checkpointing"]
+    w0 = Transformer.from_pretrained(str(base)).state_dict()
+    for mode in ("ddp", "fsdp"):
         out = tmp_path / mode
         r = run_subprocess([*common, "--grad-accum", "2", *common_args(out, tmp_path / "cache"),
-                            *(["--fsdp"] if mode == "fsdp" else [])], torchrun=2)
+                            *(fsdp if mode == "fsdp" else [])], torchrun=2)
         assert r.returncode == 0, r.stderr[-3000:]
         two = metrics(out)
         assert [m["step"] for m in one] == [m["step"] for m in two]
@@ -351,7 +357,10 @@ def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
                     assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (mode, a["step"], key)
         w2 = Transformer.from_pretrained(str(out)).state_dict()
         for k in w1:
-            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=f"{mode} {k}")
+            if mode == "ddp":
+                torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=f"{mode} {k}")
+            else:
+                assert (w2[k] - w1[k]).norm() <= 1e-3 * (w1[k] - w0[k]).norm(), k
 
 
 def assert_same_run(a, b, full, cut):
