@@ -582,7 +582,7 @@ def train(args):
     if lora:
         torch.manual_seed(args.seed)                                    # the adapters' initialisation
         nano.add_lora(raw, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
-    raw.gradient_checkpointing = args.gradient_checkpointing
+    raw.gradient_checkpointing = args.activation_checkpointing
     if lora and args.fsdp:
         raise SystemExit("--fsdp is for full fine-tuning; LoRA trains few weights and runs under plain DDP")
 
@@ -613,7 +613,7 @@ def train(args):
                          f"({args.grad_accum} × {world} ranks); lower --batch-size or --grad-accum")
 
     # -- optimizer, resume ----------------------------------------------------------------------------
-    model = nano.parallelize(raw, device, fsdp=args.fsdp)
+    model = nano.parallelize(raw, device, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = nano.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
     data_plan = {k: getattr(args, k) for k in ("store", "eval_store", "eval_conversations", "seq_len", "batch_size",
@@ -778,9 +778,7 @@ def parse_args(argv=None):
     t.add_argument("--beta2", type=float, default=0.95, help="AdamW β2")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    t.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
+    nano.add_scale_arguments(t)                                    # --fsdp, --cpu-offload, --compile, ...
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="student weight dtype (on CUDA the matmuls run in bf16 autocast either way)")
     t.add_argument("--seed", type=int, default=0, help="data order, dropout, adapter init")
@@ -790,7 +788,10 @@ def parse_args(argv=None):
     t.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
     t.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        nano.check_scale_arguments(t, args)
+    return args
 
 
 def main(argv=None):

@@ -975,6 +975,25 @@ def gpu_peak_flops(device) -> float | None:
     return next((flops for key, flops in GPU_PEAK_BF16_FLOPS if key in name), None)
 
 
+def add_scale_arguments(p):
+    """The flags that make a 7B run fit and run fast, the same in pretrain.py, sft.py and distill.py train."""
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard weights, gradients and optimiser state over GPUs (FSDP2) instead of "
+                        "replicating them (DDP): what full training of a 7B model needs")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="with --fsdp: keep the sharded weights, gradients and optimiser state in CPU memory "
+                        "(the optimiser step runs on the CPU): slower, for models the GPUs cannot hold")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--activation-checkpointing", "--gradient-checkpointing", dest="activation_checkpointing",
+                   action="store_true", help="recompute each layer in the backward pass: less memory, about 1/3 "
+                                             "more compute")
+
+
+def check_scale_arguments(p, args):
+    if args.cpu_offload and not args.fsdp:
+        p.error("--cpu-offload offloads FSDP's shards: it needs --fsdp")
+
+
 def parallelize(model, device, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False):
     """Wrap a model for training. Not distributed: the model itself, on `device`. torchrun: DDP (every
     rank holds all weights), or with fsdp=True FSDP2 (`fully_shard` per decoder layer, then the root),

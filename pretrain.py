@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (Config, Transformer, adamw, checkpointed_chunks, close_distributed, full_state_dict,
-                   gpu_peak_flops, init_distributed, jsonl_texts, latest_checkpoint, load_optimizer_state,
-                   load_tokenizer, load_trainer_state, lr_at, metrics_logger, model_device, parallelize,
-                   rename_durably, save_checkpoint, set_grad_sync, temp_dir_beside, write_json_atomic)
+from model import (Config, Transformer, adamw, add_scale_arguments, check_scale_arguments, checkpointed_chunks,
+                   close_distributed, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
+                   latest_checkpoint, load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger,
+                   model_device, parallelize, rename_durably, save_checkpoint, set_grad_sync, temp_dir_beside,
+                   write_json_atomic)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,15 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--loss-chunk", type=int, default=1024,
                    help="positions whose fp32 logits exist at once in the loss (default %(default)s)")
     # system
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun, shard weights, gradients and optimiser state over GPUs (FSDP2) instead of "
-                        "replicating them (DDP): what full training of a 7B model needs; the reference is sharded too")
-    p.add_argument("--cpu-offload", action="store_true",
-                   help="with --fsdp: keep the sharded weights, gradients and optimiser state in CPU memory "
-                        "(the optimiser step runs on the CPU): slower, for models the GPUs cannot hold")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each layer in the backward pass: less memory, about 1/3 more compute")
+    add_scale_arguments(p)                # --fsdp (the reference is sharded too), --cpu-offload, --compile, ...
     p.add_argument("--seed", type=int, default=0, help="seeds the random init and the data order (default %(default)s)")
     # output and logging
     p.add_argument("--out", required=True, metavar="DIR",
@@ -140,8 +133,7 @@ def parse_args(argv=None):
                 "pass --kl-weight 0, or --kl-ref DIR")
     if not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
-    if args.cpu_offload and not args.fsdp:
-        p.error("--cpu-offload offloads FSDP's shards: it needs --fsdp")
+    check_scale_arguments(p, args)
     args.tokenizer = args.tokenizer or args.model
     args.cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "token_cache")
     return args

@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weight dtype (on CUDA the matmuls run in bf16 autocast either way)")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights/grads/optimizer (full fine-tuning of large models)")
+    M.add_scale_arguments(p)                                       # --fsdp, --cpu-offload, --compile, ...
     p.add_argument("--seed", type=int, default=0, help="data order and dropout")
     # LoRA (Hu et al. 2021)
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (0: full fine-tuning)")
@@ -93,6 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=3, help="sample answers to held-out prompts printed at the end")
     p.add_argument("--sample-tokens", type=int, default=128, help="max new tokens per sample answer")
     args = p.parse_args(argv)
+    M.check_scale_arguments(p, args)
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]
     return args
 
@@ -269,7 +270,8 @@ def train(args):
            f"{total_steps} optimizer steps of {rows_per_step} rows")
 
     # -- optimizer, resume ---------------------------------------------------------------------------
-    model = M.parallelize(raw, device, fsdp=args.fsdp)
+    raw.gradient_checkpointing = args.activation_checkpointing
+    model = M.parallelize(raw, device, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = M.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
     data_plan = {k: getattr(args, k) for k in ("data", "val_data", "val_fraction", "seed", "seq_len", "overlong",

@@ -461,7 +461,8 @@ def test_ddp_dump_and_train_equal_one_process(env, tmp_path):
     held = ["--eval-conversations", "3"]
     one_held, sharded = str(tmp_path / "one_held"), str(tmp_path / "fsdp")
     distill.main(train_args(env, one_held, *common, *held))
-    torchrun(*train_args(env, sharded, *common, *held), "--grad-accum", "1", "--fsdp")
+    torchrun(*train_args(env, sharded, *common, *held), "--grad-accum", "1", "--fsdp", "--compile",
+             "--activation-checkpointing")                  # each layer compiled (inductor) and checkpointed too
     a, c = weights(one_held), weights(sharded)
     assert all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)
     m1, m2 = read_metrics(one_held), read_metrics(sharded)

@@ -363,13 +363,32 @@ def test_loss_is_normalised_over_the_global_batch(tmp_path):
     ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
     assert losses(ddp) == pytest.approx(one_micro, rel=1e-5)
 
-    # FSDP2: weights, gradients and optimizer state sharded over the two ranks, the same losses
+    # FSDP2: weights, gradients and optimizer state sharded over the two ranks, with each layer compiled
+    # (inductor) and checkpointed: the same losses
     fsdp_out = str(tmp_path / "fsdp")
     cmd[cmd.index(str(tmp_path / "ddp"))] = fsdp_out
-    r = subprocess.run(cmd + ["--fsdp"], env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    r = subprocess.run(cmd + ["--fsdp", "--compile", "--activation-checkpointing"], env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     fsdp = [json.loads(line) for line in open(os.path.join(fsdp_out, "metrics.jsonl"))]
     assert losses(fsdp) == pytest.approx(one_micro, rel=1e-5)
     assert [r["val_loss"] for r in fsdp if "val_loss" in r] == \
         pytest.approx([r["val_loss"] for r in ddp if "val_loss" in r], rel=1e-5)
+
+
+def test_scale_flags_are_the_same_in_every_training_script(capsys):
+    """--fsdp, --cpu-offload, --compile, --activation-checkpointing (alias --gradient-checkpointing) mean the
+    same in pretrain.py, sft.py and distill.py train; --cpu-offload without --fsdp is refused by each."""
+    import distill
+    import pretrain
+    parsers = {"pretrain": (pretrain.parse_args, ["--model", "m", "--data", "d.txt", "--out", "o"]),
+               "sft": (sft.parse_args, ["--model", "m", "--data", "d.jsonl", "--out", "o"]),
+               "distill": (distill.parse_args, ["train", "--student", "s", "--store", "t", "--out", "o"])}
+    for name, (parse, required) in parsers.items():
+        args = parse(required + ["--fsdp", "--cpu-offload", "--compile", "--gradient-checkpointing"])
+        assert (args.fsdp, args.cpu_offload, args.compile, args.activation_checkpointing) == (True,) * 4, name
+        args = parse(required)
+        assert not (args.fsdp or args.cpu_offload or args.compile or args.activation_checkpointing), name
+        with pytest.raises(SystemExit):
+            parse(required + ["--cpu-offload"])
+        assert "--cpu-offload offloads FSDP's shards: it needs --fsdp" in capsys.readouterr().err, name
