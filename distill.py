@@ -574,8 +574,8 @@ def train(args):
         nano.write_chat_tokenizer(args.student, store.meta["chat_template"], tok_dir)
     # full fine-tuning resumes from the checkpoint's weights; LoRA from the base plus the saved adapter (sft.py)
     from_ckpt = ckpt is not None and not lora
-    raw = nano.Transformer.from_pretrained(ckpt if from_ckpt else args.student,     # FSDP: on the CPU until sharded
-                                           device=nano.model_device(device, args.fsdp), dtype=args.dtype)
+    raw = nano.Transformer.from_pretrained(ckpt if from_ckpt else args.student,     # FSDP: on the CPU, memory-mapped
+                                           **nano.load_placement(device, args.dtype, args.fsdp))
     if raw.config.vocab_size <= store.meta["max_topk_id"]:
         raise ValueError(f"{args.student}: vocabulary of {raw.config.vocab_size} rows, but the store holds "
                          f"teacher ids up to {store.meta['max_topk_id']}")
@@ -613,7 +613,8 @@ def train(args):
                          f"({args.grad_accum} × {world} ranks); lower --batch-size or --grad-accum")
 
     # -- optimizer, resume ----------------------------------------------------------------------------
-    model = nano.parallelize(raw, device, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)
+    model = nano.parallelize(raw, device, args.dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload,
+                             compile=args.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = nano.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
     data_plan = {k: getattr(args, k) for k in ("store", "eval_store", "eval_conversations", "seq_len", "batch_size",

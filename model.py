@@ -994,22 +994,27 @@ def check_scale_arguments(p, args):
         p.error("--cpu-offload offloads FSDP's shards: it needs --fsdp")
 
 
-def parallelize(model, device, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False):
+def parallelize(model, device, dtype=None, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False):
     """Wrap a model for training. Not distributed: the model itself, on `device`. torchrun: DDP (every
     rank holds all weights), or with fsdp=True FSDP2 (`fully_shard` per decoder layer, then the root),
     which holds 1/world of the weights, gradients and optimizer state per rank: what full fine-tuning
-    of a 7B model needs. Under FSDP load the model on the CPU (model_device): `fully_shard` moves one
-    layer at a time to the GPU and shards it there, so no GPU ever holds the whole model.
+    of a 7B model needs. Under FSDP load the model as load_placement() says (on the CPU, memory-mapped,
+    in the checkpoint's dtype): each layer is cast to `dtype` and `fully_shard` moves it to the GPU and
+    shards it there, one at a time, so neither a GPU nor the host ever holds the whole model per rank.
+    dtype: the trained weights' dtype (None: as loaded).
     mixed_precision: FSDP's compute dtype; default bf16 on CUDA (the scripts' autocast dtype), the
     weights' own elsewhere; gradients are reduced in fp32.
     compile: torch.compile each decoder layer (same graph per layer, so one compilation serves all).
     A model without trainable parameters (a frozen reference) is sharded but gets no DDP wrapper."""
     import torch.distributed as dist
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if compile:
         for layer in model.model.layers:
             layer.compile()
+    if not (fsdp and dist.is_initialized()):
+        cast_weights(model.to(device), dtype)
     if not dist.is_initialized():
-        return model.to(device)
+        return model
     if fsdp:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
         if mixed_precision is None and device.type == "cuda":
@@ -1019,8 +1024,11 @@ def parallelize(model, device, fsdp=False, mixed_precision=None, cpu_offload=Fal
             if device.type != "cuda":
                 raise ValueError("CPU offload moves FSDP's shards off the GPUs into pinned memory: it needs CUDA")
             kw["offload_policy"] = CPUOffloadPolicy()
+        for module in (model.model.embed_tokens, model.model.norm, model.lm_head):
+            cast_weights(module, dtype)
         for layer in model.model.layers:
-            fully_shard(layer, **kw)
+            cast_weights(layer, dtype)    # this layer alone in the training dtype, on the CPU
+            fully_shard(layer, **kw)      # to the GPU, sharded; the whole layer is let go
         fully_shard(model, **kw)
         return model
     if not any(p.requires_grad for p in model.parameters()):
@@ -1052,9 +1060,21 @@ def checkpointed_chunks(fn, *args, chunk=1024):
             yield fn(*part)
 
 
-def model_device(device, fsdp):
-    """Where to load a model before parallelize(): the CPU under FSDP (see parallelize), else `device`."""
-    return torch.device("cpu") if fsdp else device
+def cast_weights(module, dtype):
+    """The parameters of module in dtype (None: unchanged). Each Parameter stays the same object, so a tied
+    head stays tied; buffers (RoPE's fp32 inverse frequencies) are left alone, unlike module.to(dtype)."""
+    for p in module.parameters() if dtype is not None else ():
+        p.data = p.data.to(dtype)
+    return module
+
+
+def load_placement(device, dtype, fsdp):
+    """from_pretrained's device and dtype for a model that parallelize() will wrap. DDP or one process:
+    `device` and `dtype`. FSDP: the CPU and the checkpoint's own dtype: safetensors then maps the files
+    into memory without copying them, so the ranks of a node share one copy in the page cache, and
+    parallelize() casts one layer at a time on its way to being sharded (loading whole in fp32 took
+    28 GB of host memory per rank for a 7B model, 8 copies on a node)."""
+    return dict(device=torch.device("cpu"), dtype=None) if fsdp else dict(device=device, dtype=dtype)
 
 
 def unwrap(model):

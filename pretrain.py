@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (Config, Transformer, adamw, add_scale_arguments, check_scale_arguments, checkpointed_chunks,
-                   close_distributed, full_state_dict, gpu_peak_flops, init_distributed, jsonl_texts,
-                   latest_checkpoint, load_optimizer_state, load_tokenizer, load_trainer_state, lr_at, metrics_logger,
-                   model_device, parallelize, rename_durably, save_checkpoint, set_grad_sync, temp_dir_beside,
-                   write_json_atomic)
+from model import (Config, Transformer, adamw, add_scale_arguments, cast_weights, check_scale_arguments,
+                   checkpointed_chunks, close_distributed, full_state_dict, gpu_peak_flops, init_distributed,
+                   jsonl_texts, latest_checkpoint, load_optimizer_state, load_placement, load_tokenizer,
+                   load_trainer_state, lr_at, metrics_logger, parallelize, rename_durably, save_checkpoint,
+                   set_grad_sync, temp_dir_beside, write_json_atomic)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -561,7 +561,7 @@ def build_start_model(args, tok, device, dtype):
     with torch.device(device):
         model = Transformer(cfg)
     model.init_weights()
-    return model.to(dtype)
+    return cast_weights(model, dtype)
 
 
 def vocab_relation(ref_pieces, model_pieces, ref_rows, model_rows, ref_dir, model_dir):
@@ -581,7 +581,8 @@ def vocab_relation(ref_pieces, model_pieces, ref_rows, model_rows, ref_dir, mode
 
 
 def build_reference(args, start, tok, device, dtype):
-    """The frozen reference: --kl-ref, or the starting model; no grad, in the compute dtype.
+    """The frozen reference: --kl-ref, or the starting model; no grad, in the compute dtype (under FSDP
+    as stored, until parallelize() casts it).
     Returns (reference, shared) with shared as in `kl_to_reference`."""
     ref_dir = args.kl_ref or args.model
     ref = Transformer.from_pretrained(ref_dir, device=device, dtype=dtype)
@@ -593,10 +594,11 @@ def build_reference(args, start, tok, device, dtype):
         # probability (else the reverse KL is infinite): both come from the starting model's rows
         # for those ids (resize_vocab's initialisation), copied once and frozen.
         with torch.no_grad():
+            ref_dtype = ref.model.embed_tokens.weight.dtype
             embed = torch.cat([ref.model.embed_tokens.weight[:shared],
-                               start.model.embed_tokens.weight[shared:].to(dtype)])
+                               start.model.embed_tokens.weight[shared:].to(ref_dtype)])
             head = None if ref.config.tie_word_embeddings else \
-                torch.cat([ref.lm_head.weight[:shared], start.lm_head.weight[shared:].to(dtype)])
+                torch.cat([ref.lm_head.weight[:shared], start.lm_head.weight[shared:].to(ref_dtype)])
             ref.set_vocab(embed, head)
     ref.eval().requires_grad_(False)
     return ref, shared
@@ -681,8 +683,7 @@ def train(args):
     global_rows = world * A * B
 
     # -- model and reference -----------------------------------------------------------------------
-    load_device = model_device(device, args.fsdp)                 # FSDP: the CPU, then shard by shard to the GPU
-    raw = build_start_model(args, tok, load_device, param_dtype)
+    raw = build_start_model(args, tok, **load_placement(device, param_dtype, args.fsdp))  # FSDP: CPU, mmap
     V = raw.config.vocab_size
     for _, files, _ in train_sources + eval_only:
         for tf in files:
@@ -690,12 +691,13 @@ def train(args):
                 raise ValueError(f"{tf.path}: token id {tf.meta['max_id']} is outside the model's vocabulary "
                                  f"of {V} rows (tokenizer {args.tokenizer} has {tok.vocab_size} pieces); "
                                  "resize the model's vocabulary first (resize_vocab.py)")
-    ref, shared = build_reference(args, raw, tok, load_device, compute_dtype) if args.kl_weight > 0 else (None, None)
+    ref, shared = build_reference(args, raw, tok, **load_placement(device, compute_dtype, args.fsdp)) \
+        if args.kl_weight > 0 else (None, None)
 
     start_step, state = 0, None
     if ckpt:
         del raw                   # the reference has taken what it needs from the starting model
-        raw = Transformer.from_pretrained(ckpt, device=load_device, dtype=param_dtype)
+        raw = Transformer.from_pretrained(ckpt, **load_placement(device, param_dtype, args.fsdp))
         state = load_trainer_state(ckpt)
         start_step = state["step"]
     elif args.resume:
@@ -708,9 +710,9 @@ def train(args):
     # MFU counts the reference's forward pass too (a third of a training step's FLOPs per weight)
     flops_per_token = raw.flops_per_token(T) + (ref.flops_per_token(T) / 3 if ref is not None else 0)
     # DDP or FSDP2 under torchrun; `raw` itself (on `device`) otherwise
-    model = parallelize(raw, device, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)
+    model = parallelize(raw, device, param_dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)
     if ref is not None:
-        ref = parallelize(ref, device, fsdp=args.fsdp)        # sharded under FSDP, left whole under DDP
+        ref = parallelize(ref, device, compute_dtype, fsdp=args.fsdp)   # sharded under FSDP, whole under DDP
     trained = [p for p in raw.parameters() if p.requires_grad]  # (after FSDP swapped in its sharded parameters)
     optimizer = adamw(raw, args.lr, (args.beta1, args.beta2), args.weight_decay, args.eps)
 

@@ -206,8 +206,8 @@ def train(args):
     # -- model, template, tokenizer ----------------------------------------------------------------
     # Full fine-tuning resumes from the checkpoint's weights; LoRA from the base plus the saved adapter.
     from_ckpt = ckpt is not None and not lora
-    raw = Transformer.from_pretrained(ckpt if from_ckpt else args.model, device=M.model_device(device, args.fsdp),
-                                      dtype=args.dtype)                  # FSDP: on the CPU until sharded
+    raw = Transformer.from_pretrained(ckpt if from_ckpt else args.model,  # FSDP: on the CPU, memory-mapped
+                                      **M.load_placement(device, args.dtype, args.fsdp))
     base_tok = M.load_tokenizer(args.model)
     args.chat_template = M.choose_chat_template(args.chat_template, args.model, raw.config.model_type, base_tok)
     if rank == 0:
@@ -271,7 +271,7 @@ def train(args):
 
     # -- optimizer, resume ---------------------------------------------------------------------------
     raw.gradient_checkpointing = args.activation_checkpointing
-    model = M.parallelize(raw, device, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)
+    model = M.parallelize(raw, device, args.dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = M.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
     data_plan = {k: getattr(args, k) for k in ("data", "val_data", "val_fraction", "seed", "seq_len", "overlong",

@@ -363,6 +363,31 @@ def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
                 assert (w2[k] - w1[k]).norm() <= 1e-3 * (w1[k] - w0[k]).norm(), k
 
 
+def test_fsdp_maps_a_bf16_checkpoint_and_casts_it_layer_by_layer(corpus, tok_dir, tmp_path):
+    """Under FSDP the ranks map the checkpoint's files (bf16 here, with a tied head) and cast each layer
+    to fp32 as it is sharded; one process casts the whole model at load. Same losses, KL (the reference
+    is cast to the compute dtype the same way), gradient norms and weights: had the cast untied the head,
+    it would have trained apart from the embedding from the first step on."""
+    m = Transformer.from_pretrained(str(make_model(tmp_path / "fp32", tok_dir, tie_word_embeddings=True)),
+                                    dtype=torch.bfloat16)
+    m.save_pretrained(str(tmp_path / "bf16"), tokenizer_dir=str(tok_dir))
+    common = ["--model", str(tmp_path / "bf16"), "--data", str(corpus / "ru.txt"), "--batch-size", "1",
+              "--max-steps", "3", "--eval-every", "0", "--save-every", "0"]
+    pretrain.main([*common, "--grad-accum", "2", *common_args(tmp_path / "one", tmp_path / "cache")])
+    r = run_subprocess([*common, "--grad-accum", "1", "--fsdp", *common_args(tmp_path / "fsdp", tmp_path / "cache")],
+                       torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = train_steps(tmp_path / "one"), train_steps(tmp_path / "fsdp")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step, a in one.items():
+        for key in ("loss", "ce", "kl", "grad_norm"):
+            assert two[step][key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (step, key)
+    w1, w2 = (Transformer.from_pretrained(str(tmp_path / d)) for d in ("one", "fsdp"))
+    assert w2.config.torch_dtype == "float32" and w2.lm_head.weight is w2.model.embed_tokens.weight
+    for k, v in w1.state_dict().items():
+        torch.testing.assert_close(w2.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
 def assert_same_run(a, b, full, cut):
     """Every logged number but the timings, and the final weights, of two runs agree."""
     for x, y in zip(a, b):

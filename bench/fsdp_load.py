@@ -1,0 +1,126 @@
+"""Host memory per rank of getting a checkpoint into FSDP2 shards for training in fp32, two ways, in one run:
+
+  baseline   from_pretrained(dtype=float32) on the CPU, then parallelize(fsdp=True): every rank holds
+             the whole model in fp32 first (28 GB per rank for a 7B model);
+  nanoadapt  from_pretrained(**load_placement(...)): the checkpoint memory-mapped in its own dtype
+             (page cache, shared by the ranks of a node), cast to fp32 one layer at a time by parallelize
+             on its way to being sharded.
+
+    torchrun --nproc_per_node 4 bench/fsdp_load.py                          # a random bf16 checkpoint
+    torchrun --nproc_per_node 8 bench/fsdp_load.py --model Mistral-7B-v0.1  # a real one
+
+Measured: peak anonymous memory (RssAnon, what a process allocates itself; mapped files are not in it),
+sampled every 5 ms from a thread, above what the rank held before; the table shows the largest over ranks.
+The baseline runs first; glibc is asked to return freed memory (malloc_trim) before the second. (No
+times: the second run finds the file in the page cache, so its time would flatter it.)
+"""
+import argparse
+import ctypes
+import gc
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from model import (Config, Transformer, close_distributed, init_distributed, load_placement,  # noqa: E402
+                   parallelize)
+
+
+def anonymous_gib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 2**20
+
+
+class PeakMemory:
+    """Peak RssAnon above the level at start, sampled every 5 ms while the block runs."""
+    def __enter__(self):
+        self.start, self.peak, self.running = anonymous_gib(), 0.0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, anonymous_gib() - self.start)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, anonymous_gib() - self.start)
+
+
+def load_and_shard(path, device, how):
+    if how == "baseline":
+        model = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32)
+        return parallelize(model, device, fsdp=True)
+    model = Transformer.from_pretrained(path, **load_placement(device, torch.float32, fsdp=True))
+    return parallelize(model, device, torch.float32, fsdp=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="an HF model directory (default: a random bf16 checkpoint of --layers layers)")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=8000)
+    args = ap.parse_args()
+    import torch.distributed as dist
+    rank, _, world, device = init_distributed()
+    if not dist.is_initialized():
+        sys.exit("run it under torchrun: FSDP shards over the ranks (e.g. torchrun --nproc_per_node 4 ...)")
+    tmp = None
+    path = args.model
+    if path is None:                      # rank 0 writes a random bf16 checkpoint into a directory all ranks see
+        tmp = tempfile.mkdtemp(prefix="fsdp_load_") if rank == 0 else None
+        box = [tmp]
+        dist.broadcast_object_list(box)
+        path = os.path.join(box[0], "model")
+        if rank == 0:
+            cfg = Config.from_hf(dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
+                                      intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
+                                      num_attention_heads=max(1, args.hidden // 64),
+                                      num_key_value_heads=max(1, args.hidden // 128), tie_word_embeddings=True))
+            model = Transformer(cfg)
+            model.init_weights()
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)
+            model.save_pretrained(path)
+            del model
+        dist.barrier()
+    rows = []
+    for how in ("baseline", "nanoadapt"):
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        with PeakMemory() as mem:
+            model = load_and_shard(path, device, how)
+            dist.barrier()
+        shards = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters()) / 2**30
+        n_params = sum(p.numel() for p in model.parameters())
+        peaks = [None] * world
+        dist.all_gather_object(peaks, mem.peak)
+        rows.append((how, max(peaks), shards))
+        del model
+    if rank == 0:
+        print(f"\n{n_params / 1e6:.0f}M parameters from {path}, fp32 training weights, {world} ranks "
+              f"({device.type})")
+        print("| loading | peak host memory per rank, GiB | this rank's fp32 shards, GiB | ratio |")
+        print("|---|---|---|---|")
+        for how, peak, shards in rows:
+            print(f"| {how} | {peak:.2f} | {shards:.2f} | {peak / rows[0][1]:.2f}× |")
+    dist.barrier()
+    if tmp is not None:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    close_distributed()
+
+
+if __name__ == "__main__":
+    main()
