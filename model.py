@@ -2,7 +2,7 @@
 
 A Mistral / Qwen2 / Qwen3 / Llama decoder that reads and writes Hugging Face checkpoints exactly
 (same module names, same rotate-half RoPE, same safetensors keys), generation with a KV cache, and
-the few helpers every training script needs. Sections, in order:
+LoRA. Sections, in order:
 
   1. config        -- read from the checkpoint's config.json, field by field
   2. attention     -- one function: the Triton kernel on CUDA, SDPA elsewhere; packed documents
@@ -10,10 +10,11 @@ the few helpers every training script needs. Sections, in order:
   4. load / save   -- safetensors (single or sharded), built on the meta device, atomic saves
   5. generation    -- KV cache, greedy / temperature / top-k / top-p, batched prompts
   6. LoRA          -- low-rank adapters on chosen linear layers, merged for saving, PEFT-style files
-  7. training helpers -- distributed init, print0, LR schedule, checkpoints, MFU, DDP / FSDP2
 
-Tokenizers and chat templates (rendering with the assistant-only loss mask) are in tokenizer.py and
-re-exported here.
+Two parts live in modules of their own and are re-exported here, so every script imports from model:
+tokenizers and chat templates (rendering with the assistant-only loss mask) in tokenizer.py, and the
+helpers every training script needs (distributed init, LR schedule, checkpoints, MFU, DDP / FSDP2,
+the chunked loss head) in training.py.
 
 References: Mistral 7B (Jiang et al. 2023), Qwen2/Qwen3 technical reports, Llama 3 (Dubey et al. 2024)
 for the llama3 RoPE scaling; the HF `transformers` implementations define the numerics we match.
@@ -35,6 +36,13 @@ from tokenizer import (CHAT_ROLES, CHAT_SPECIAL_TOKENS, CHAT_TEMPLATES, TOKENIZE
                        chat_prompt, check_messages, choose_chat_template, fsync_dir, jsonl_records, jsonl_texts,
                        load_tokenizer, pack_greedy, read_conversations, rename_durably, render_chat,
                        render_conversations, replace_dir, sync_to_disk, write_chat_tokenizer)
+# The training scripts' shared helpers live in training.py; re-exported here too.
+from training import (GPU_PEAK_BF16_FLOPS, adamw, add_scale_arguments, cast_weights,  # noqa: F401
+                      check_scale_arguments, checkpointed_chunks, close_distributed,
+                      full_state_dict, gpu_peak_flops, init_distributed, is_rank0, is_sharded,
+                      latest_checkpoint, load_optimizer_state, load_placement, load_trainer_state,
+                      lr_at, metrics_logger, parallelize, print0, resume_training, save_checkpoint,
+                      set_grad_sync, unwrap)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -828,294 +836,3 @@ def save_lora_adapter(model, path, base_model=None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. training helpers
-# ------------------------------------------------------------------------------------------------
-def init_distributed():
-    """Works under plain `python` and `torchrun`. Returns (rank, local_rank, world_size, device)."""
-    import torch.distributed as dist
-    if "RANK" not in os.environ:
-        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    # While rank 0 writes a checkpoint (at 7B: ~87 GB of weights and optimizer state), the others wait
-    # in a barrier: NCCL's default 10-minute timeout would kill the run on a slow disk.
-    from datetime import timedelta
-    timeout = timedelta(minutes=30)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timeout)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
-    return rank, local_rank, world, device
-
-
-def close_distributed():
-    """Leave the process group, after the function that trained has returned. Its DDP/FSDP wrappers hold
-    the group from inside reference cycles; collected here, while Python is fully alive, they let it go.
-    A group still held when destroy_process_group runs dies later, at interpreter exit, where gloo now
-    and then aborts a finished run ("terminate called without an active exception", SIGABRT: 3 of 60
-    two-rank runs of a bare DDP script with torch 2.14 on CPU)."""
-    import gc
-    import torch.distributed as dist
-    gc.collect()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def is_rank0():
-    import torch.distributed as dist
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print0(*args, **kwargs):
-    if is_rank0():
-        print(*args, **kwargs, flush=True)
-
-
-def lr_at(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
-    """Linear warmup for `warmup_steps`, then cosine decay to min_lr_ratio·max_lr at `total_steps`."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def save_checkpoint(run_dir, step, model, trainer_state, tokenizer_dir=None, keep=2, state_dict=None):
-    """checkpoints/step_NNNNNN/: the HF model dir plus trainer_state.pt (optimizer, step, data position,
-    RNG), written atomically; older checkpoints beyond `keep` are removed. Rank 0 only
-    (under FSDP, gather state_dict and the optimizer state on all ranks first: see full_state_dict).
-    Also removes what a killed save left behind (.step_*.tmp-* directories: tens of GB at 7B)."""
-    ckpt_root = os.path.join(run_dir, "checkpoints")
-    model.save_pretrained(os.path.join(ckpt_root, f"step_{step:06d}"), tokenizer_dir=tokenizer_dir,
-                          extra_files={"trainer_state.pt": lambda path: torch.save(trainer_state, path)},
-                          state_dict=state_dict)
-    complete = _complete_checkpoints(ckpt_root)
-    for d in os.listdir(ckpt_root):
-        if d.startswith(".step_") or (d.startswith("step_") and d not in (complete[-keep:] if keep else complete)):
-            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
-
-
-def resume_training(ckpt_dir, model, optimizer, lora=False, data_plan=None):
-    """Restore what a checkpoint written by sft.py / distill.py holds: the optimizer state (sharded again
-    under FSDP) and, for LoRA, the adapter (the checkpoint's weights are the merged model, so a LoRA run
-    resumes from its base plus this adapter). Returns the step to continue from.
-    data_plan: what makes a step number mean certain rows (data, sequence length, rows per step, seed,
-    ...), as saved in the checkpoint's "data_plan": a checkpoint of another plan is refused."""
-    state = load_trainer_state(ckpt_dir)
-    for key, value in (data_plan or {}).items():
-        if key in state.get("data_plan", {}) and state["data_plan"][key] != value:
-            raise ValueError(f"--resume: '{key}' was {state['data_plan'][key]!r} in {ckpt_dir}, now {value!r}; "
-                             f"step {state['step']} would not mean the same rows")
-    if lora:
-        load_lora_state_dict(unwrap(model), state["lora"], ckpt_dir)
-    load_optimizer_state(model, optimizer, state["optimizer"])
-    print0(f"resumed from {ckpt_dir} at step {state['step']}")
-    return state["step"]
-
-
-def metrics_logger(run_dir, resume_step=0):
-    """metrics.jsonl in the run directory, one JSON object per logged step, written by rank 0. The file
-    starts afresh, except that a resumed run keeps what was logged up to its checkpoint (and drops what
-    the interrupted run logged after it), so the file always reads as one clean run. Returns log(record)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if is_rank0():
-        os.makedirs(run_dir, exist_ok=True)
-        kept = []
-        if resume_step and os.path.isfile(path):
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-    def log(record):
-        if is_rank0():
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-    return log
-
-
-def latest_checkpoint(run_dir):
-    """The newest complete checkpoint directory, or None (temporary dirs start with '.', so are skipped;
-    config.json is written last, so a directory without it or without trainer_state.pt is incomplete)."""
-    root = os.path.join(run_dir, "checkpoints")
-    steps = _complete_checkpoints(root)
-    return os.path.join(root, steps[-1]) if steps else None
-
-
-def _complete_checkpoints(root):
-    """Names of the complete step_NNNNNN directories under root, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(d for d in os.listdir(root) if d.startswith("step_")
-                  and all(os.path.isfile(os.path.join(root, d, f)) for f in ("trainer_state.pt", "config.json")))
-
-
-def load_trainer_state(ckpt_dir):
-    """trainer_state.pt, memory-mapped: every rank reads the same file, and at 7B its optimizer state is
-    ~58 GB; mapped, the ranks share the page cache instead of each holding a copy."""
-    return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=True, mmap=True)
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, matched on the device name.
-GPU_PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),
-                       ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
-                       ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
-                       ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12)]
-
-
-def gpu_peak_flops(device) -> float | None:
-    """The detected GPU's dense bf16 peak, or None when unknown (then no MFU is shown)."""
-    if not (isinstance(device, torch.device) and device.type == "cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_BF16_FLOPS if key in name), None)
-
-
-def add_scale_arguments(p):
-    """The flags that make a 7B run fit and run fast, the same in pretrain.py, sft.py and distill.py train."""
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun, shard weights, gradients and optimiser state over GPUs (FSDP2) instead of "
-                        "replicating them (DDP): what full training of a 7B model needs")
-    p.add_argument("--cpu-offload", action="store_true",
-                   help="with --fsdp: keep the sharded weights, gradients and optimiser state in CPU memory "
-                        "(the optimiser step runs on the CPU): slower, for models the GPUs cannot hold")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    p.add_argument("--activation-checkpointing", "--gradient-checkpointing", dest="activation_checkpointing",
-                   action="store_true", help="recompute each layer in the backward pass: less memory, about 1/3 "
-                                             "more compute")
-
-
-def check_scale_arguments(p, args):
-    if args.cpu_offload and not args.fsdp:
-        p.error("--cpu-offload offloads FSDP's shards: it needs --fsdp")
-
-
-def parallelize(model, device, dtype=None, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False):
-    """Wrap a model for training. Not distributed: the model itself, on `device`. torchrun: DDP (every
-    rank holds all weights), or with fsdp=True FSDP2 (`fully_shard` per decoder layer, then the root),
-    which holds 1/world of the weights, gradients and optimizer state per rank: what full fine-tuning
-    of a 7B model needs. Under FSDP load the model as load_placement() says (on the CPU, memory-mapped,
-    in the checkpoint's dtype): each layer is cast to `dtype` and `fully_shard` moves it to the GPU and
-    shards it there, one at a time, so neither a GPU nor the host ever holds the whole model per rank.
-    dtype: the trained weights' dtype (None: as loaded).
-    mixed_precision: FSDP's compute dtype; default bf16 on CUDA (the scripts' autocast dtype), the
-    weights' own elsewhere; gradients are reduced in fp32.
-    compile: torch.compile each decoder layer (same graph per layer, so one compilation serves all).
-    A model without trainable parameters (a frozen reference) is sharded but gets no DDP wrapper."""
-    import torch.distributed as dist
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if compile:
-        for layer in model.model.layers:
-            layer.compile()
-    if not (fsdp and dist.is_initialized()):
-        cast_weights(model.to(device), dtype)
-    if not dist.is_initialized():
-        return model
-    if fsdp:
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-        if mixed_precision is None and device.type == "cuda":
-            mixed_precision = torch.bfloat16
-        kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32))
-        if cpu_offload:
-            if device.type != "cuda":
-                raise ValueError("CPU offload moves FSDP's shards off the GPUs into pinned memory: it needs CUDA")
-            kw["offload_policy"] = CPUOffloadPolicy()
-        for module in (model.model.embed_tokens, model.model.norm, model.lm_head):
-            cast_weights(module, dtype)
-        for layer in model.model.layers:
-            cast_weights(layer, dtype)    # this layer alone in the training dtype, on the CPU
-            fully_shard(layer, **kw)      # to the GPU, sharded; the whole layer is let go
-        fully_shard(model, **kw)
-        return model
-    if not any(p.requires_grad for p in model.parameters()):
-        return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def adamw(model, lr, betas, weight_decay=0.0, eps=1e-8):
-    """AdamW over the trainable weights of a (wrapped) model, made after parallelize(): FSDP2 swaps in its
-    sharded parameters. Weight decay on matrices only, never on norms or biases. The fused kernel (one
-    launch per step, not one per tensor group): it takes FSDP2's DTensors, offloaded CPU shards and CPU runs."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
-
-
-def checkpointed_chunks(fn, *args, chunk=1024):
-    """fn over chunks of `chunk` rows of the (N, ...) tensor arguments (other arguments pass as they are),
-    one result per chunk. With autograd on, each call is checkpointed: what fn builds inside, e.g. the
-    (chunk, V) fp32 logits of a loss, is recomputed in the backward pass instead of kept, so the full
-    (N, V) never exists. pretrain.py, sft.py and distill.py compute their losses through it."""
-    n = next(a for a in args if isinstance(a, torch.Tensor)).shape[0]
-    for i in range(0, n, chunk):
-        part = [a[i:i + chunk] if isinstance(a, torch.Tensor) else a for a in args]
-        if torch.is_grad_enabled():
-            yield torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False)
-        else:
-            yield fn(*part)
-
-
-def cast_weights(module, dtype):
-    """The parameters of module in dtype (None: unchanged). Each Parameter stays the same object, so a tied
-    head stays tied; buffers (RoPE's fp32 inverse frequencies) are left alone, unlike module.to(dtype)."""
-    for p in module.parameters() if dtype is not None else ():
-        p.data = p.data.to(dtype)
-    return module
-
-
-def load_placement(device, dtype, fsdp):
-    """from_pretrained's device and dtype for a model that parallelize() will wrap. DDP or one process:
-    `device` and `dtype`. FSDP: the CPU and the checkpoint's own dtype: safetensors then maps the files
-    into memory without copying them, so the ranks of a node share one copy in the page cache, and
-    parallelize() casts one layer at a time on its way to being sharded (loading whole in fp32 took
-    28 GB of host memory per rank for a 7B model, 8 copies on a node)."""
-    return dict(device=torch.device("cpu"), dtype=None) if fsdp else dict(device=device, dtype=dtype)
-
-
-def unwrap(model):
-    """The Transformer inside a DDP wrapper (FSDP2 shards in place, so nothing to unwrap there)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def set_grad_sync(model, last_micro_step):
-    """Gradient accumulation. DDP: all-reduce only on the last micro-step of each optimizer step.
-    FSDP2: reduce-scatter every micro-step (skipping it would keep whole, unsharded gradients on every
-    GPU until the last one: the memory FSDP is there to save), so nothing to switch."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model.require_backward_grad_sync = last_micro_step
-
-
-def is_sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def full_state_dict(model, optimizer=None):
-    """(weights, optimizer state) as full CPU tensors, gathered from FSDP shards when sharded. Every
-    rank must call it (it is a collective under FSDP); the result is meant for rank 0 to save.
-    The optimizer state is keyed by parameter name under FSDP and by index otherwise, so a
-    checkpoint resumes in the mode (FSDP or not) it was written in, at any world size."""
-    model = unwrap(model)
-    if not is_sharded(model):
-        return model.state_dict(), (optimizer.state_dict() if optimizer is not None else None)
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=opts)
-    optim = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
-    return weights, optim
-
-
-def load_optimizer_state(model, optimizer, state):
-    """Restore an optimizer state saved by full_state_dict, sharding it again under FSDP."""
-    model = unwrap(model)
-    if not is_sharded(model):
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
