@@ -182,7 +182,9 @@ def parallelize(model, device, dtype=None, fsdp=False, mixed_precision=None, cpu
     of a 7B model needs. Under FSDP load the model as load_placement() says (on the CPU, memory-mapped,
     in the checkpoint's dtype): each layer is cast to `dtype` and `fully_shard` moves it to the GPU and
     shards it there, one at a time, so neither a GPU nor the host ever holds the whole model per rank.
-    dtype: the trained weights' dtype (None: as loaded).
+    dtype: under FSDP, the trained weights' dtype, which each layer is cast to (None: as loaded).
+    DDP and one process take the model as loaded (load_placement gave it its dtype; LoRA keeps fp32
+    adapters on a bf16 base).
     mixed_precision: FSDP's compute dtype; default bf16 on CUDA (the scripts' autocast dtype), the
     weights' own elsewhere; gradients are reduced in fp32.
     compile: torch.compile each decoder layer (same graph per layer, so one compilation serves all).
@@ -192,10 +194,8 @@ def parallelize(model, device, dtype=None, fsdp=False, mixed_precision=None, cpu
     if compile:
         for layer in model.model.layers:
             layer.compile()
-    if not (fsdp and dist.is_initialized()):
-        cast_weights(model.to(device), dtype)
     if not dist.is_initialized():
-        return model
+        return model.to(device)
     if fsdp:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
         if mixed_precision is None and device.type == "cuda":
@@ -251,11 +251,14 @@ def cast_weights(module, dtype):
 
 def load_placement(device, dtype, fsdp):
     """from_pretrained's device and dtype for a model that parallelize() will wrap. DDP or one process:
-    `device` and `dtype`. FSDP: the CPU and the checkpoint's own dtype: safetensors then maps the files
+    `device` and `dtype`. FSDP under torchrun: the CPU and the checkpoint's own dtype: safetensors then maps the files
     into memory without copying them, so the ranks of a node share one copy in the page cache, and
     parallelize() casts one layer at a time on its way to being sharded (loading whole in fp32 took
     28 GB of host memory per rank for a 7B model, 8 copies on a node)."""
-    return dict(device=torch.device("cpu"), dtype=None) if fsdp else dict(device=device, dtype=dtype)
+    import torch.distributed as dist
+    if fsdp and dist.is_initialized():
+        return dict(device=torch.device("cpu"), dtype=None)
+    return dict(device=device, dtype=dtype)
 
 
 def unwrap(model):

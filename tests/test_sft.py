@@ -392,3 +392,15 @@ def test_scale_flags_are_the_same_in_every_training_script(capsys):
         with pytest.raises(SystemExit):
             parse(required + ["--cpu-offload"])
         assert "--cpu-offload offloads FSDP's shards: it needs --fsdp" in capsys.readouterr().err, name
+
+
+def test_lora_adapters_stay_fp32_on_a_bf16_base(tmp_path):
+    """--dtype bfloat16 puts the base in bf16; the adapters (and so their Adam state) stay fp32."""
+    from safetensors.torch import load_file
+    base = make_base(tmp_path / "base", family="qwen2", chat_tokens=True)
+    data = write_chat_data(tmp_path / "chat.jsonl")
+    run_sft(base, data, tmp_path / "run", "--dtype", "bfloat16", "--max-steps", "1", "--lora-rank", "4",
+            "--samples", "0")
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    assert Transformer.from_pretrained(str(tmp_path / "run")).model.embed_tokens.weight.dtype == torch.bfloat16
