@@ -354,11 +354,22 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def weights_stamp(model_dir):
-    """[name, bytes, mtime_ns] of each weights file. Hashing 15 GB of weights at every start would be
-    slow; a teacher retrained or copied over in place gets new files, and so a new stamp."""
-    names = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
-    return [[n, (st := os.stat(os.path.join(model_dir, n))).st_size, st.st_mtime_ns] for n in names]
+def weights_fingerprint(model_dir):
+    """sha256 over each weights file's name, size, safetensors header and 64 KiB read at 16 evenly spaced
+    offsets: the same for a copy (cp, a node-local copy), different for a retrained teacher, whose every
+    tensor changes. (Hashing all 15 GB at every start would take minutes; file times change on a copy.)"""
+    h = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors")):
+        path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        h.update(f"{name}:{size}".encode())
+        with open(path, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")          # safetensors: u64 length, then JSON
+            h.update(f.read(header))
+            for i in range(16):
+                f.seek(8 + header + (size - 8 - header) * i // 16)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()
 
 
 def dump(args):
@@ -381,7 +392,7 @@ def dump(args):
     n_chunks = math.ceil(len(conversations) / args.chunk_conversations)
     plan = {"format": STORE_FORMAT, "teacher": os.path.abspath(args.teacher),
             "teacher_config_sha256": file_sha256(os.path.join(args.teacher, "config.json")),
-            "teacher_weights": weights_stamp(args.teacher),
+            "teacher_weights": weights_fingerprint(args.teacher),
             "teacher_dtype": str(dtype).removeprefix("torch."), "data": [os.path.abspath(p) for p in args.data],
             "data_sha256": sha256_json([file_sha256(p) for p in args.data]), "tokenizer_sha256": sha256_json(pieces),
             "chat_template": template, "max_len": args.max_len, "positions": args.positions, "k": args.top_k,
@@ -583,8 +594,6 @@ def train(args):
         torch.manual_seed(args.seed)                                    # the adapters' initialisation
         nano.add_lora(raw, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
     raw.gradient_checkpointing = args.activation_checkpointing
-    if lora and args.fsdp:
-        raise SystemExit("--fsdp is for full fine-tuning; LoRA trains few weights and runs under plain DDP")
 
     # -- data: every stored conversation, the last --eval-conversations held out -------------------------
     lengths, rows_per_conversation = store.lengths()
@@ -613,7 +622,7 @@ def train(args):
                          f"({args.grad_accum} × {world} ranks); lower --batch-size or --grad-accum")
 
     # -- optimizer, resume ----------------------------------------------------------------------------
-    model = nano.parallelize(raw, device, args.dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload,
+    model = nano.parallelize(raw, device, dtype=args.dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload,
                              compile=args.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = nano.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)

@@ -42,7 +42,7 @@ from model import (Config, Transformer, adamw, add_scale_arguments, cast_weights
                    checkpointed_chunks, close_distributed, full_state_dict, gpu_peak_flops, init_distributed,
                    jsonl_texts, latest_checkpoint, load_optimizer_state, load_placement, load_tokenizer,
                    load_trainer_state, lr_at, metrics_logger, parallelize, rename_durably, save_checkpoint,
-                   set_grad_sync, temp_dir_beside, write_json_atomic)
+                   set_grad_sync, sync_to_disk, temp_dir_beside, write_json_atomic)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,10 +269,13 @@ class CacheWriter:
         with open(os.path.join(self.tmp, "meta.json"), "w") as f:
             json.dump({**meta, "n_tokens": self.n_tokens, "n_docs": len(self.doc_starts), "max_id": self.max_id,
                        "dtype": self.dtype.name}, f, indent=2)
+        sync_to_disk(self.tmp)                   # (a full disk or quota shows here, and is raised)
         try:
             rename_durably(self.tmp, self.final_dir)
-        except OSError:        # another process (another node on a shared disk) finished it first
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        except OSError:
+            if not os.path.isdir(self.final_dir):
+                raise
+            shutil.rmtree(self.tmp, ignore_errors=True)   # another process (another node) finished it first
 
     def discard(self):
         self.f.close()
@@ -580,12 +583,12 @@ def vocab_relation(ref_pieces, model_pieces, ref_rows, model_rows, ref_dir, mode
                      f"{first}: {a!r} vs {b!r}. A KL needs the same pieces at the same ids.")
 
 
-def build_reference(args, start, tok, device, dtype):
-    """The frozen reference: --kl-ref, or the starting model; no grad, in the compute dtype (under FSDP
-    as stored, until parallelize() casts it).
+def build_reference(args, start, tok, compute_dtype, placement):
+    """The frozen reference: --kl-ref, or the starting model; no grad, loaded as `placement` says (see
+    load_placement: in compute_dtype, or under FSDP as stored until parallelize() casts it).
     Returns (reference, shared) with shared as in `kl_to_reference`."""
     ref_dir = args.kl_ref or args.model
-    ref = Transformer.from_pretrained(ref_dir, device=device, dtype=dtype)
+    ref = Transformer.from_pretrained(ref_dir, **placement)
     ref_tok = load_tokenizer(ref_dir) if args.kl_ref else tok
     shared = vocab_relation(ref_tok.pieces(), tok.pieces(), ref.config.vocab_size, start.config.vocab_size,
                             ref_dir, args.tokenizer)
@@ -593,12 +596,12 @@ def build_reference(args, start, tok, device, dtype):
         # Extend mode: the reference must read the new ids in the input and give them some
         # probability (else the reverse KL is infinite): both come from the starting model's rows
         # for those ids (resize_vocab's initialisation), copied once and frozen.
-        with torch.no_grad():
-            ref_dtype = ref.model.embed_tokens.weight.dtype
-            embed = torch.cat([ref.model.embed_tokens.weight[:shared],
-                               start.model.embed_tokens.weight[shared:].to(ref_dtype)])
+        with torch.no_grad():               # (in compute_dtype: under FSDP both may still be as stored)
+            embed = torch.cat([ref.model.embed_tokens.weight[:shared].to(compute_dtype),
+                               start.model.embed_tokens.weight[shared:].to(compute_dtype)])
             head = None if ref.config.tie_word_embeddings else \
-                torch.cat([ref.lm_head.weight[:shared], start.lm_head.weight[shared:].to(ref_dtype)])
+                torch.cat([ref.lm_head.weight[:shared].to(compute_dtype),
+                           start.lm_head.weight[shared:].to(compute_dtype)])
             ref.set_vocab(embed, head)
     ref.eval().requires_grad_(False)
     return ref, shared
@@ -691,7 +694,7 @@ def train(args):
                 raise ValueError(f"{tf.path}: token id {tf.meta['max_id']} is outside the model's vocabulary "
                                  f"of {V} rows (tokenizer {args.tokenizer} has {tok.vocab_size} pieces); "
                                  "resize the model's vocabulary first (resize_vocab.py)")
-    ref, shared = build_reference(args, raw, tok, **load_placement(device, compute_dtype, args.fsdp)) \
+    ref, shared = build_reference(args, raw, tok, compute_dtype, load_placement(device, compute_dtype, args.fsdp)) \
         if args.kl_weight > 0 else (None, None)
 
     start_step, state = 0, None
@@ -710,9 +713,10 @@ def train(args):
     # MFU counts the reference's forward pass too (a third of a training step's FLOPs per weight)
     flops_per_token = raw.flops_per_token(T) + (ref.flops_per_token(T) / 3 if ref is not None else 0)
     # DDP or FSDP2 under torchrun; `raw` itself (on `device`) otherwise
-    model = parallelize(raw, device, param_dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)
+    model = parallelize(raw, device, dtype=param_dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload,
+                        compile=args.compile)
     if ref is not None:
-        ref = parallelize(ref, device, compute_dtype, fsdp=args.fsdp)   # sharded under FSDP, whole under DDP
+        ref = parallelize(ref, device, dtype=compute_dtype, fsdp=args.fsdp)   # sharded under FSDP, whole under DDP
     trained = [p for p in raw.parameters() if p.requires_grad]  # (after FSDP swapped in its sharded parameters)
     optimizer = adamw(raw, args.lr, (args.beta1, args.beta2), args.weight_decay, args.eps)
 

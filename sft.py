@@ -102,11 +102,13 @@ def parse_args(argv=None):
 # chat template and tokenizer
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def add_token_rows(model, vocab_size, new_ids, base_vocab_size):
+def add_token_rows(model, vocab_size, new_ids, base_vocab_size, dtype):
     """Grow the embedding (and an untied head) to vocab_size rows when needed, and set the rows of the
     added tokens to the mean of the rows of the tokens the base tokenizer has (rows past those are
-    padding, never trained, so they stay out of the mean)."""
+    padding, never trained, so they stay out of the mean). In the training dtype: under FSDP the
+    weights are still the checkpoint's (bf16, say) here, and the mean must not be rounded to that."""
     def grown(w):                                                       # (V_old, d) -> (V, d)
+        w = w.to(dtype)
         out = torch.cat([w, w.new_zeros(max(0, vocab_size - w.shape[0]), w.shape[1])])
         out[new_ids] = w[:base_vocab_size].float().mean(0).to(w.dtype)
         return out
@@ -194,8 +196,6 @@ def main(argv=None):
 def train(args):
     rank, local_rank, world, device = M.init_distributed()
     lora = args.lora_rank > 0
-    if lora and args.fsdp:
-        raise SystemExit("--fsdp is for full fine-tuning; LoRA trains few weights and runs under plain DDP")
     tok_dir = os.path.join(args.out, "tokenizer")
     ckpt = M.latest_checkpoint(args.out)
     if ckpt is not None and not args.resume:
@@ -220,7 +220,8 @@ def train(args):
         added = [t for t in M.CHAT_SPECIAL_TOKENS[args.chat_template] if t not in base_tok.special_tokens]
     added_ids = [tokenizer.special_tokens[t] for t in added]
     if added and not from_ckpt:
-        add_token_rows(raw, max(raw.config.vocab_size, tokenizer.vocab_size), added_ids, base_tok.vocab_size)
+        add_token_rows(raw, max(raw.config.vocab_size, tokenizer.vocab_size), added_ids, base_tok.vocab_size,
+                       getattr(torch, args.dtype))
     if args.chat_template == "chatml":   # generation stops at <|im_end|> (as Qwen's instruct models do)
         im_end = tokenizer.special_tokens["<|im_end|>"]
         raw.config.eos_token_id = [im_end] + ([tokenizer.eos_id] if tokenizer.eos_id not in (None, im_end) else [])
@@ -271,7 +272,8 @@ def train(args):
 
     # -- optimizer, resume ---------------------------------------------------------------------------
     raw.gradient_checkpointing = args.activation_checkpointing
-    model = M.parallelize(raw, device, args.dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload, compile=args.compile)
+    model = M.parallelize(raw, device, dtype=args.dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload,
+                          compile=args.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = M.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
     data_plan = {k: getattr(args, k) for k in ("data", "val_data", "val_fraction", "seed", "seq_len", "overlong",
@@ -372,7 +374,8 @@ def train(args):
         for messages in (val_convs or train_convs)[:args.samples]:
             first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = M.chat_prompt(messages[:first_answer], args.chat_template, tokenizer)
-            with autocast(device):
+            # eager even after --compile: a KV-cache decode would recompile the layers for each new shape
+            with autocast(device), torch.compiler.set_stance("force_eager"):
                 answer = M.generate(raw, [prompt], args.sample_tokens, eos_id=eos_ids,
                                     vocab_limit=tokenizer.vocab_size)[0]
             if answer and answer[-1] in (eos_ids if isinstance(eos_ids, list) else [eos_ids]):

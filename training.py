@@ -26,7 +26,9 @@ def init_distributed():
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        # gloo beside NCCL for CPU tensors: under --cpu-offload the sharded gradients live on the CPU,
+        # and clipping them all-reduces their norms there (NCCL alone refuses: "no backend for cpu")
+        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
@@ -171,11 +173,16 @@ def add_scale_arguments(p):
 
 
 def check_scale_arguments(p, args):
+    """Refuse combinations that would not do what they say, before anything is loaded."""
     if args.cpu_offload and not args.fsdp:
         p.error("--cpu-offload offloads FSDP's shards: it needs --fsdp")
+    if args.cpu_offload and "RANK" not in os.environ:
+        p.error("--cpu-offload needs FSDP, which runs under torchrun: torchrun --nproc_per_node 1 ... for one GPU")
+    if args.fsdp and getattr(args, "lora_rank", 0) > 0:
+        p.error("--fsdp is for full fine-tuning; LoRA trains few weights and runs under plain DDP")
 
 
-def parallelize(model, device, dtype=None, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False):
+def parallelize(model, device, *, dtype=None, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False):
     """Wrap a model for training. Not distributed: the model itself, on `device`. torchrun: DDP (every
     rank holds all weights), or with fsdp=True FSDP2 (`fully_shard` per decoder layer, then the root),
     which holds 1/world of the weights, gradients and optimizer state per rank: what full fine-tuning

@@ -26,8 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from model import (Config, Transformer, close_distributed, init_distributed, load_placement,  # noqa: E402
-                   parallelize)
+from model import (Config, Transformer, cast_weights, close_distributed, init_distributed,  # noqa: E402
+                   load_placement, parallelize)
 
 
 def anonymous_gib():
@@ -59,7 +59,7 @@ def load_and_shard(path, device, how):
         model = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32)
         return parallelize(model, device, fsdp=True)
     model = Transformer.from_pretrained(path, **load_placement(device, torch.float32, fsdp=True))
-    return parallelize(model, device, torch.float32, fsdp=True)
+    return parallelize(model, device, dtype=torch.float32, fsdp=True)
 
 
 def main():
@@ -87,9 +87,7 @@ def main():
                                       num_key_value_heads=max(1, args.hidden // 128), tie_word_embeddings=True))
             model = Transformer(cfg)
             model.init_weights()
-            for p in model.parameters():
-                p.data = p.data.to(torch.bfloat16)
-            model.save_pretrained(path)
+            cast_weights(model, torch.bfloat16).save_pretrained(path)
             del model
         dist.barrier()
     rows = []

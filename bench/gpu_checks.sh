@@ -2,7 +2,7 @@
 # Every check that needs a GPU, in one command, from the repository root (nothing here runs in CI):
 #     sh bench/gpu_checks.sh 2>&1 | tee gpu_checks.log
 # 1. the kernel's tests and the whole model through the kernel, on CUDA (compiled kernels, fp32 with
-#    IEEE dots and fp16);
+#    IEEE dots and fp16), and pretrain.py under --fsdp --cpu-offload on one GPU;
 # 2. what the compiler says about every kernel variant (registers, spills, shared memory);
 # 3. bf16 accuracy vs an fp32 reference, next to SDPA's (d64/d128, N up to 16k);
 # 4. the attention speed table vs SDPA's flash and cuDNN backends and the dense-mask baseline;
@@ -23,7 +23,8 @@ $PYTHON -c "import torch, triton, transformers; print('torch', torch.__version__
 for s in $STEPS; do
   echo "=== gpu_checks step $s ($(date +%T))"
   case $s in
-    1) $PYTHON -m pytest -q tests/test_flash_attention.py tests/test_model_triton.py ;;
+    1) $PYTHON -m pytest -q tests/test_flash_attention.py tests/test_model_triton.py \
+         tests/test_pretrain.py::test_cpu_offload_trains_like_fsdp_on_the_gpu ;;
     2) $PYTHON bench/compile_check.py ;;
     3) $PYTHON bench/attention.py --check ;;
     4) $PYTHON bench/attention.py ;;

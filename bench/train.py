@@ -78,7 +78,7 @@ def make_step(kind, p, layers, device):
     if "offload" in kind:         # FSDP2 over one GPU: weights, gradients and AdamW state live in CPU memory
         import torch.distributed as dist
         if not dist.is_initialized():
-            dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+            dist.init_process_group("cuda:nccl,cpu:gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
         model = parallelize(model, device, fsdp=True, mixed_precision=torch.bfloat16, cpu_offload=True)
     opt = adamw(model, lr=1e-4, betas=(0.9, 0.999))                              # pretrain.py's optimizer
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)   # (B, T): next token

@@ -341,13 +341,19 @@ def test_resumed_dump_with_other_settings_is_refused(env, tmp_path):
 
 
 def test_resumed_dump_with_a_retrained_teacher_is_refused(env, tmp_path, monkeypatch):
-    """Same path, same config.json, new weights written over the old ones: the chunks would mix two teachers."""
+    """Same path, same config.json, new weights written over the old ones: the chunks would mix two teachers.
+    The same weights copied anew (new file times, as cp or a node-local copy gives) resume."""
     teacher = str(tmp_path / "teacher")
     shutil.copytree(env["teacher"], teacher)
     e = {**env, "teacher": teacher}
     monkeypatch.setenv(distill.STOP_ENV, "1")
     with pytest.raises(SystemExit, match="stopping after 1 chunk"):
         distill.main(dump_args(e, str(tmp_path / "store")))
+    for name in os.listdir(teacher):
+        os.utime(os.path.join(teacher, name), (1e9, 1e9))         # copied: other times, same bytes
+    with pytest.raises(SystemExit, match="stopping after 1 chunk"):
+        distill.main(dump_args(e, str(tmp_path / "store")))    # resumed: a second chunk
+    assert os.path.isdir(os.path.join(tmp_path, "store", "chunk_000001"))
     monkeypatch.delenv(distill.STOP_ENV)
     retrained = nano.Transformer.from_pretrained(teacher)
     with torch.no_grad():

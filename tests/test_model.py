@@ -369,3 +369,25 @@ def test_saves_reach_the_disk_before_they_are_published(tmp_path, monkeypatch):
     events.clear()
     model.save_pretrained(tmp_path / "run")                  # the final model, into the run directory
     check(tmp_path / "run", tmp_path / "run")
+
+
+def test_fsdp_loads_as_stored_and_casts_as_it_shards(tmp_path):
+    """Under torchrun with --fsdp, load_placement keeps the checkpoint's dtype (bf16 here: memory-mapped,
+    no fp32 copy of the whole model per rank) and parallelize casts to the training dtype as it shards.
+    (A one-rank gloo group in this process; the 2-rank runs are in test_pretrain.py.)"""
+    import torch.distributed as dist
+    from model import load_placement, parallelize, rope_inverse_frequencies
+    make_hf_model("qwen3_tied", tmp_path / "hf")
+    Transformer.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    cpu = torch.device("cpu")
+    assert load_placement(cpu, torch.float32, fsdp=True) == dict(device=cpu, dtype=torch.float32)  # no torchrun
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        placement = load_placement(cpu, torch.float32, fsdp=True)
+        model = Transformer.from_pretrained(tmp_path / "bf16", **placement)
+        assert placement["dtype"] is None and model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        model = parallelize(model, cpu, dtype=torch.float32, fsdp=True)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert torch.equal(model.inv_freq, rope_inverse_frequencies(model.config))
+    finally:
+        dist.destroy_process_group()

@@ -121,11 +121,17 @@ def test_added_token_rows_are_the_mean(tmp_path):
     base = make_base(tmp_path / "base", family="llama")            # untied head
     model = Transformer.from_pretrained(base)
     embed, head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
-    sft.add_token_rows(model, 402, [400, 401], 400)
+    sft.add_token_rows(model, 402, [400, 401], 400, torch.float32)
     assert model.model.embed_tokens.weight.shape == (402, 64) and model.config.vocab_size == 402
     assert torch.equal(model.model.embed_tokens.weight[:400], embed)
     assert torch.allclose(model.model.embed_tokens.weight[400:], embed.mean(0).expand(2, -1))
     assert torch.allclose(model.lm_head.weight[401], head.mean(0))
+    # under FSDP the weights are still the checkpoint's bf16 here: the mean is taken and kept in fp32
+    stored = Transformer.from_pretrained(base, dtype=torch.bfloat16)
+    sft.add_token_rows(stored, 402, [400, 401], 400, torch.float32)
+    rows = stored.model.embed_tokens.weight[400:]
+    exact = embed.to(torch.bfloat16).double().mean(0)                 # float64 mean of the stored values
+    assert rows.dtype == torch.float32 and (rows.double() - exact).abs().max() < 1e-7
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,22 +382,33 @@ def test_loss_is_normalised_over_the_global_batch(tmp_path):
         pytest.approx([r["val_loss"] for r in ddp if "val_loss" in r], rel=1e-5)
 
 
-def test_scale_flags_are_the_same_in_every_training_script(capsys):
+def test_scale_flags_are_the_same_in_every_training_script(capsys, monkeypatch):
     """--fsdp, --cpu-offload, --compile, --activation-checkpointing (alias --gradient-checkpointing) mean the
-    same in pretrain.py, sft.py and distill.py train; --cpu-offload without --fsdp is refused by each."""
+    same in pretrain.py, sft.py and distill.py train; each refuses --cpu-offload without --fsdp or outside
+    torchrun (it would silently not offload), and --fsdp with LoRA."""
     import distill
     import pretrain
     parsers = {"pretrain": (pretrain.parse_args, ["--model", "m", "--data", "d.txt", "--out", "o"]),
                "sft": (sft.parse_args, ["--model", "m", "--data", "d.jsonl", "--out", "o"]),
                "distill": (distill.parse_args, ["train", "--student", "s", "--store", "t", "--out", "o"])}
+    refusals = {("--cpu-offload",): "--cpu-offload offloads FSDP's shards: it needs --fsdp",
+                ("--fsdp", "--lora-rank", "8"): "--fsdp is for full fine-tuning"}
     for name, (parse, required) in parsers.items():
+        monkeypatch.setenv("RANK", "0")                                # as torchrun sets it
         args = parse(required + ["--fsdp", "--cpu-offload", "--compile", "--gradient-checkpointing"])
         assert (args.fsdp, args.cpu_offload, args.compile, args.activation_checkpointing) == (True,) * 4, name
         args = parse(required)
         assert not (args.fsdp or args.cpu_offload or args.compile or args.activation_checkpointing), name
+        for flags, message in refusals.items():
+            if name == "pretrain" and "--lora-rank" in flags:
+                continue                                                # (pretrain has no LoRA)
+            with pytest.raises(SystemExit):
+                parse(required + list(flags))
+            assert message in capsys.readouterr().err, (name, flags)
+        monkeypatch.delenv("RANK")
         with pytest.raises(SystemExit):
-            parse(required + ["--cpu-offload"])
-        assert "--cpu-offload offloads FSDP's shards: it needs --fsdp" in capsys.readouterr().err, name
+            parse(required + ["--fsdp", "--cpu-offload"])
+        assert "torchrun --nproc_per_node 1" in capsys.readouterr().err, name
 
 
 def test_lora_adapters_stay_fp32_on_a_bf16_base(tmp_path):
