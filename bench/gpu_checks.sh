@@ -10,8 +10,9 @@
 # 6. pretrain.py's training step vs a plain transformers loop (Qwen3-1.7B shape, 4×2048, bf16).
 # Every step runs even when an earlier one fails (a GPU session is short: see everything at once);
 # the exit status says whether all passed. Not yet timed end to end (written without a GPU at hand);
-# on a machine that stops a command after ~10 minutes, run it in two halves (STEPS="1 2 3" then
-# STEPS="4 5 6").
+# on a machine that stops a command after ~10 minutes, run it in three parts: STEPS="1 2 3", then
+# STEPS="4 5", then STEPS=6 (a review estimated 4-6 min for 1-3, 2-4 for 4-5, 2-5 for 6, which
+# compiles the whole transformers model with inductor).
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 STEPS=${STEPS:-"1 2 3 4 5 6"}
