@@ -258,10 +258,10 @@ def cast_weights(module, dtype):
 
 def load_placement(device, dtype, fsdp):
     """from_pretrained's device and dtype for a model that parallelize() will wrap. DDP or one process:
-    `device` and `dtype`. FSDP under torchrun: the CPU and the checkpoint's own dtype: safetensors then maps the files
-    into memory without copying them, so the ranks of a node share one copy in the page cache, and
-    parallelize() casts one layer at a time on its way to being sharded (loading whole in fp32 took
-    28 GB of host memory per rank for a 7B model, 8 copies on a node)."""
+    `device` and `dtype`. FSDP under torchrun: the CPU and the checkpoint's own dtype, so safetensors
+    maps the files into memory without copying them (the ranks of a node share one copy in the page
+    cache), and parallelize() casts one layer at a time on its way to being sharded (loading whole in
+    fp32 took 28 GB of host memory per rank for a 7B model, 8 copies on a node)."""
     import torch.distributed as dist
     if fsdp and dist.is_initialized():
         return dict(device=torch.device("cpu"), dtype=None)
