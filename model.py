@@ -460,7 +460,6 @@ class Transformer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # 4. load / save (HF safetensors)
 # ------------------------------------------------------------------------------------------------
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def load_pretrained(cls, path, device=None, dtype=None):
@@ -480,7 +479,7 @@ def load_pretrained(cls, path, device=None, dtype=None):
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 "(nanoadapt reads weights only from safetensors)")
     if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
+        dtype = getattr(torch, dtype)                       # "bfloat16" -> torch.bfloat16
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = cls(cfg)

@@ -679,7 +679,7 @@ def train(args):
     rank, local_rank, world, device = init_distributed()
     import torch.distributed as dist
     cuda = device.type == "cuda"
-    param_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    param_dtype = getattr(torch, args.dtype)                    # "float32" -> torch.float32
     compute_dtype = torch.bfloat16 if cuda else torch.float32
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     B, A, T = args.batch_size, args.grad_accum, args.seq_len
