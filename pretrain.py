@@ -42,7 +42,7 @@ from model import (Config, Transformer, adamw, add_scale_arguments, cast_weights
                    checkpointed_chunks, close_distributed, full_state_dict, gpu_peak_flops, init_distributed,
                    jsonl_texts, latest_checkpoint, load_optimizer_state, load_placement, load_tokenizer,
                    load_trainer_state, lr_at, metrics_logger, parallelize, rename_durably, save_checkpoint,
-                   set_grad_sync, sync_to_disk, temp_dir_beside, write_json_atomic)
+                   set_grad_sync, temp_dir_beside, write_json_atomic)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,10 +269,9 @@ class CacheWriter:
         with open(os.path.join(self.tmp, "meta.json"), "w") as f:
             json.dump({**meta, "n_tokens": self.n_tokens, "n_docs": len(self.doc_starts), "max_id": self.max_id,
                        "dtype": self.dtype.name}, f, indent=2)
-        sync_to_disk(self.tmp)                   # (a full disk or quota shows here, and is raised)
         try:
             rename_durably(self.tmp, self.final_dir)
-        except OSError:
+        except OSError:                          # (a full disk or a quota shows in its fsync: raised)
             if not os.path.isdir(self.final_dir):
                 raise
             shutil.rmtree(self.tmp, ignore_errors=True)   # another process (another node) finished it first
