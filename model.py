@@ -460,8 +460,6 @@ class Transformer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # 4. load / save (HF safetensors)
 # ------------------------------------------------------------------------------------------------
-
-
 def load_pretrained(cls, path, device=None, dtype=None):
     """Build on the meta device, then assign the tensors of each shard in turn (never all shards at once)."""
     from safetensors import safe_open
