@@ -444,12 +444,11 @@ def _flags(q, doc_start, window):
 @torch.library.custom_op("nanoadapt::flash_attention_forward", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: Optional[torch.Tensor],
              window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, Hq, T, D) and the base-2 log-sum-exp (B, Hq, T) fp32. doc_start: (B, T) int32 or None;
-    window: 0 for none."""
+    """o (B, Hq, T, D) and the base-2 log-sum-exp (B, Hq, T) fp32. q, k, v with the head dim packed
+    (flash_attention sees to it); doc_start: (B, T) int32 or None; window: 0 for none."""
     B, H, T, D = q.shape
     HKV = k.shape[1]
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    docs = doc_start if doc_start is not None else torch.zeros(1, device=q.device, dtype=torch.int32)
+    docs = doc_start if doc_start is not None else torch.empty(1, device=q.device, dtype=torch.int32)  # never read
     o = _empty_bthd(B, H, T, D, q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     BM, BN, warps, stages = _config(D, q.dtype)["fwd"]
@@ -475,16 +474,16 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """dq, dk, dv: Δ = rowsum(dO ∘ O), then the dK/dV kernel, then the dQ kernel."""
     B, H, T, D = q.shape
     HKV = k.shape[1]
-    q, k, v, do = (_last_dim_contiguous(x) for x in (q, k, v, do))
+    do = _last_dim_contiguous(do)                  # (q, k, v are saved as the forward got them: packed)
     if T * do.stride(2) >= 2**31:  # row offsets are int32: lay dO out as (B, T, H, D), like o
         do = do.transpose(1, 2).contiguous().transpose(1, 2)
     if doc_start is not None:
         # q_end[b, s] = number of rows t with doc_start[b, t] <= s: for a key s, every query that
         # can see it lies before q_end (the dK/dV kernel stops its query loop there)
         positions = torch.arange(T, device=q.device, dtype=torch.int32).expand(B, T).contiguous()
-        docs, q_end = doc_start, torch.searchsorted(doc_start, positions, right=True).to(torch.int32)
+        docs, q_end = doc_start, torch.searchsorted(doc_start, positions, right=True, out_int32=True)
     else:
-        docs = q_end = torch.zeros(1, device=q.device, dtype=torch.int32)  # never read
+        docs = q_end = torch.empty(1, device=q.device, dtype=torch.int32)  # never read
     cfg = _config(D, q.dtype)
     flags = _flags(q, doc_start, window)
     qk_scale = scale * LOG2_E
@@ -524,6 +523,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, doc_start, window, scale = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], doc_start)
     ctx.window, ctx.scale = window, scale
+    ctx.set_materialize_grads(False)               # lse gets no gradient: no (B, H, T) of zeros for it
 
 
 def _backward_rule(ctx, do, _dlse):
@@ -579,4 +579,5 @@ def flash_attention(q, k, v, doc_start=None, window=None, scale=None):
     if doc_start is not None:
         doc_start = doc_start.to(device=q.device, dtype=torch.int32).contiguous()  # (B, T)
     window = int(window) if window is not None and window < T else 0  # a window >= T hides nothing
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))                # (saved so for the backward too)
     return _forward(q, k, v, doc_start, window, scale)[0]
