@@ -253,16 +253,16 @@ def check():
     print("bf16 relative error ‖x - ref‖/‖ref‖ vs an fp32 reference; ratio = ours / SDPA's (pass: <= 2)")
     print(f"{'case':>11} {'d':>3} {'N':>5}  " + "  ".join(f"{n:>24}" for n in ("o", "dq", "dk", "dv")))
     all_ok = True
+    # GQA 4:1 with fewer heads than the table, to keep the fp32 reference quick
     if SMOKE:
-        dims, causal_lengths, T_masked, W, lengths = (16, 32), (32, 64), 64, 10, uneven_lengths(64, 4)
+        dims, causal_lengths, T_masked, W, lengths, hq, hkv = (16, 32), (32, 64), 64, 10, uneven_lengths(64, 4), 4, 1
     else:
-        dims, causal_lengths, T_masked, W, lengths = (64, 128), (1024, 4096, 16384), 4096, 1000, \
-            uneven_lengths(4096, 16)
+        dims, causal_lengths, T_masked, W, lengths, hq, hkv = (64, 128), (1024, 4096, 16384), 4096, 1000, \
+            uneven_lengths(4096, 16), 16, 4
     for D in dims:
         for name, T, extra in [("causal", T, {}) for T in causal_lengths] + [
                 (f"window {W}", T_masked, dict(window=W)), (f"{len(lengths)} docs", T_masked, dict(docs=lengths))]:
-            # GQA 4:1 with fewer heads than the table, to keep the fp32 reference quick
-            (q, k, v), do = make_inputs(1, T, D, hq=4 * HKV if SMOKE else 16, hkv=HKV if SMOKE else 4, seed=T + D)
+            (q, k, v), do = make_inputs(1, T, D, hq=hq, hkv=hkv, seed=T + D)
             doc_start = doc_start_of(extra["docs"], DEVICE) if "docs" in extra else None
             window = extra.get("window")
             o = fa.flash_attention(q, k, v, doc_start=doc_start, window=window)
@@ -304,11 +304,11 @@ SWEEP = dict(
 )
 
 
-def sweep(T=4096, B=4):
+def sweep():
     """Time each kernel's candidate blocks (others fixed at the current choice), causal bf16.
     (--smoke: the interpreter always runs the small blocks; this only walks the code.)"""
     default = dict(fa._GPU_CONFIGS)
-    dims, T, B = ((16,), 64, 1) if SMOKE else ((64, 128), T, B)
+    dims, T, B = ((16,), 64, 1) if SMOKE else ((64, 128), 4096, 4)
     for D in dims:
         (q, k, v), do = make_inputs(B, T, D)
         for kernel, candidates in SWEEP.items():
