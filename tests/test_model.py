@@ -314,6 +314,8 @@ def test_generate_runs_one_forward_per_new_token_and_top_k_0_is_off(tmp_path):
     g = torch.Generator().manual_seed(0)
     sampled = generate(model, [[1, 5, 6]], 4, temperature=0.7, top_k=0, generator=g)[0]
     assert len(sampled) == 4 and all(0 <= t < 101 for t in sampled)
+    unfiltered = generate(model, [[1, 5, 6]], 4, temperature=0.7, generator=torch.Generator().manual_seed(0))[0]
+    assert sampled == unfiltered                             # the same draws as with no top_k at all
 
 
 def test_saved_directories_are_readable_by_others(tmp_path):
