@@ -106,6 +106,9 @@ def test_compiled_layer_keeps_the_kernel_in_one_graph(backend, tmp_path, monkeyp
     m = Transformer.from_pretrained(tmp_path / "hf", device=DEVICE)
     monkeypatch.setenv("NANOADAPT_ATTENTION", "triton")
     calls = count_kernel_calls(monkeypatch)
+    import flash_attention
+    launches, config = [], flash_attention._config     # what the ops' implementations call at run time,
+    monkeypatch.setattr(flash_attention, "_config", lambda *a: launches.append(1) or config(*a))  # compiled too
     B, T = 2, 19
     x = torch.randn(B, T, m.config.hidden_size, generator=torch.Generator().manual_seed(5)).to(DEVICE).requires_grad_()
     cos, sin = rope_cos_sin(m.inv_freq, torch.arange(T, device=DEVICE).expand(B, T), x.dtype)
@@ -115,8 +118,10 @@ def test_compiled_layer_keeps_the_kernel_in_one_graph(backend, tmp_path, monkeyp
     for docs in (None, doc_start):
         eager = layer(x, cos, sin, docs)
         grad_eager = torch.autograd.grad(eager.square().sum(), x)[0]
+        launches.clear()
         out = compiled(x, cos, sin, docs)
         grad = torch.autograd.grad(out.square().sum(), x)[0]
+        assert len(launches) == 2                           # the compiled layer ran the kernel: forward, backward
         if backend == "aot_eager":
             assert torch.equal(out, eager) and torch.equal(grad, grad_eager)
         else:
