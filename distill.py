@@ -593,7 +593,6 @@ def train(args):
     if lora:
         torch.manual_seed(args.seed)                                    # the adapters' initialisation
         nano.add_lora(raw, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
-    raw.gradient_checkpointing = args.activation_checkpointing
 
     # -- data: every stored conversation, the last --eval-conversations held out -------------------------
     lengths, rows_per_conversation = store.lengths()
@@ -623,7 +622,7 @@ def train(args):
 
     # -- optimizer, resume ----------------------------------------------------------------------------
     model = nano.parallelize(raw, device, dtype=args.dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload,
-                             compile=args.compile)
+                             compile=args.compile, activation_checkpointing=args.activation_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = nano.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
     data_plan = {k: getattr(args, k) for k in ("store", "eval_store", "eval_conversations", "seq_len", "batch_size",

@@ -704,7 +704,6 @@ def train(args):
         start_step = state["step"]
     elif args.resume:
         log(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
-    raw.gradient_checkpointing = args.activation_checkpointing
     if args.train_only == "embeddings":
         for name, p in raw.named_parameters():
             p.requires_grad_(name in ("model.embed_tokens.weight", "lm_head.weight"))
@@ -713,7 +712,7 @@ def train(args):
     flops_per_token = raw.flops_per_token(T) + (ref.flops_per_token(T) / 3 if ref is not None else 0)
     # DDP or FSDP2 under torchrun; `raw` itself (on `device`) otherwise
     model = parallelize(raw, device, dtype=param_dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload,
-                        compile=args.compile)
+                        compile=args.compile, activation_checkpointing=args.activation_checkpointing)
     if ref is not None:
         ref = parallelize(ref, device, dtype=compute_dtype, fsdp=args.fsdp)   # sharded under FSDP, whole under DDP
     trained = [p for p in raw.parameters() if p.requires_grad]  # (after FSDP swapped in its sharded parameters)

@@ -271,9 +271,8 @@ def train(args):
            f"{total_steps} optimizer steps of {rows_per_step} rows")
 
     # -- optimizer, resume ---------------------------------------------------------------------------
-    raw.gradient_checkpointing = args.activation_checkpointing
     model = M.parallelize(raw, device, dtype=args.dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload,
-                          compile=args.compile)
+                          compile=args.compile, activation_checkpointing=args.activation_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]     # FSDP2 replaces them with sharded ones
     optimizer = M.adamw(model, args.lr, (args.beta1, args.beta2), args.weight_decay)
     data_plan = {k: getattr(args, k) for k in ("data", "val_data", "val_fraction", "seed", "seq_len", "overlong",

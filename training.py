@@ -182,7 +182,8 @@ def check_scale_arguments(p, args):
         p.error("--fsdp is for full fine-tuning; LoRA trains few weights and runs under plain DDP")
 
 
-def parallelize(model, device, *, dtype=None, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False):
+def parallelize(model, device, *, dtype=None, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False,
+                activation_checkpointing=False):
     """Wrap a model for training. Not distributed: the model itself, on `device`. torchrun: DDP (every
     rank holds all weights), or with fsdp=True FSDP2 (`fully_shard` per decoder layer, then the root),
     which holds 1/world of the weights, gradients and optimizer state per rank: what full fine-tuning
@@ -195,9 +196,11 @@ def parallelize(model, device, *, dtype=None, fsdp=False, mixed_precision=None, 
     mixed_precision: FSDP's compute dtype; default bf16 on CUDA (the scripts' autocast dtype), the
     weights' own elsewhere; gradients are reduced in fp32.
     compile: torch.compile each decoder layer (same graph per layer, so one compilation serves all).
+    activation_checkpointing: recompute each decoder layer in the backward pass.
     A model without trainable parameters (a frozen reference) is sharded but gets no DDP wrapper."""
     import torch.distributed as dist
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype      # "float32" -> torch.float32
+    model.gradient_checkpointing = activation_checkpointing
     if compile:
         for layer in model.model.layers:
             layer.compile()

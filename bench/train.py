@@ -71,15 +71,13 @@ def make_step(kind, p, layers, device):
     with torch.device(device):
         model = Transformer(Config.from_hf(cfg_dict))
     model.init_weights()
-    model.gradient_checkpointing = "checkpointing" in kind
-    if "compiled" in kind:
-        for layer in model.model.layers:
-            layer.compile()
-    if "offload" in kind:         # FSDP2 over one GPU: weights, gradients and AdamW state live in CPU memory
+    offload = "offload" in kind       # FSDP2 over one GPU: weights, gradients and AdamW state live in CPU memory
+    if offload:
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group("cuda:nccl,cpu:gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
-        model = parallelize(model, device, fsdp=True, mixed_precision=torch.bfloat16, cpu_offload=True)
+    model = parallelize(model, device, fsdp=offload, cpu_offload=offload, compile="compiled" in kind,
+                        activation_checkpointing="checkpointing" in kind)          # as pretrain.py does
     opt = adamw(model, lr=1e-4, betas=(0.9, 0.999))                              # pretrain.py's optimizer
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)   # (B, T): next token
 

@@ -393,3 +393,24 @@ def test_fsdp_loads_as_stored_and_casts_as_it_shards(tmp_path):
         assert torch.equal(model.inv_freq, rope_inverse_frequencies(model.config))
     finally:
         dist.destroy_process_group()
+
+
+def test_parallelize_applies_compile_and_activation_checkpointing(tmp_path):
+    """The scale flags reach the model: each decoder layer compiled, and recomputed in the backward pass
+    (the layers' forward runs once more in backward when checkpointed)."""
+    from model import parallelize
+    make_hf_model("llama", tmp_path / "hf")
+    model = parallelize(Transformer.from_pretrained(tmp_path / "hf"), torch.device("cpu"), compile=True,
+                        activation_checkpointing=True)
+    assert model.gradient_checkpointing and all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    plain = parallelize(Transformer.from_pretrained(tmp_path / "hf"), torch.device("cpu"))
+    assert not plain.gradient_checkpointing and all(layer._compiled_call_impl is None for layer in plain.model.layers)
+    calls = []
+    mlp = plain.train().model.layers[0].mlp           # (module hooks do not fire in the recomputation)
+    forward = mlp.forward
+    mlp.forward = lambda *a: calls.append(1) or forward(*a)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    plain(ids).sum().backward()
+    plain.gradient_checkpointing = True
+    plain(ids).sum().backward()
+    assert len(calls) == 3                              # once plain; twice checkpointed (forward, then recomputed)
