@@ -390,7 +390,11 @@ def test_fsdp_loads_as_stored_and_casts_as_it_shards(tmp_path):
         assert placement["dtype"] is None and model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
         model = parallelize(model, cpu, dtype=torch.float32, fsdp=True)
         assert {p.dtype for p in model.parameters()} == {torch.float32}
-        assert torch.equal(model.inv_freq, rope_inverse_frequencies(model.config))
+        assert model.lm_head.weight is model.model.embed_tokens.weight          # still tied after the casts
+        stored = Transformer.from_pretrained(tmp_path / "hf", **placement)         # fp32 on disk, bf16 training
+        stored = parallelize(stored, cpu, dtype=torch.bfloat16, fsdp=True)
+        assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
+        assert torch.equal(stored.inv_freq, rope_inverse_frequencies(stored.config))   # a buffer: kept fp32
     finally:
         dist.destroy_process_group()
 
