@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_bench(*argv, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # each script decides
+    env["OMP_NUM_THREADS"] = "1"                     # (as the other tests' launchers: two ranks share 2 cores)
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
@@ -57,6 +58,7 @@ def test_train_smoke(only):
     rows = table_rows(out, r"\| (transformers|nanoadapt)")
     assert rows and not any("out of memory" in r for r in rows)
     for r in rows:
+        assert only[0] in r, r                              # the contender asked for, and only it
         assert re.match(r"\| [^|]+ \| [\d,]+ \|", r), r     # a tokens/s was measured
 
 

@@ -321,10 +321,12 @@ def test_generate_runs_one_forward_per_new_token_and_top_k_0_is_off(tmp_path):
 def test_saved_directories_are_readable_by_others(tmp_path):
     """mkdtemp makes private (0700) directories; a saved model gets what a plain mkdir would give."""
     make_hf_model("llama", tmp_path / "hf")
-    Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "out")
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask
+    umask = os.umask(0o022)                                 # (under a private umask the check would be moot)
+    try:
+        Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
     (tmp_path / "group").mkdir()
     os.chmod(tmp_path / "group", 0o2775)                    # a group-shared directory: mkdir inherits setgid
     Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "group" / "out")
