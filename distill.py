@@ -650,15 +650,10 @@ def train(args):
             log(result)
 
     def checkpoint(step):
-        weights, optim_state = nano.full_state_dict(model, optimizer)       # a collective under FSDP
-        if rank == 0:
-            state = {"step": step, "optimizer": optim_state, "data_plan": data_plan}
-            if lora:
-                state["lora"] = nano.lora_state_dict(raw)
-            nano.save_checkpoint(args.out, step, raw, state, tokenizer_dir=tok_dir, keep=args.keep,
-                                 state_dict=nano.merged_state_dict(raw) if lora else weights)
-        if dist.is_initialized():
-            dist.barrier()
+        # every rank: rank 0 writes, under FSDP all do. The weights are the merged model (a plain HF
+        # model); the adapter is in the trainer state.
+        state = {"step": step, "data_plan": data_plan} | ({"lora": nano.lora_state_dict(raw)} if lora else {})
+        nano.save_checkpoint(args.out, step, model, optimizer, state, tokenizer_dir=tok_dir, keep=args.keep)
 
     # -- training loop ------------------------------------------------------------------------------
     if start_step == 0:
@@ -709,12 +704,10 @@ def train(args):
 
     # -- final model ------------------------------------------------------------------------------------
     checkpoint(total_steps)
-    weights = nano.full_state_dict(model)[0]                             # a collective under FSDP
-    if rank == 0:
-        raw.save_pretrained(args.out, tokenizer_dir=tok_dir, state_dict=nano.merged_state_dict(raw) if lora else weights)
-        if lora:
-            nano.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.student))
-        nano.print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
+    raw.save_pretrained(args.out, tokenizer_dir=tok_dir)                 # every rank: rank 0 writes, under FSDP all do
+    if lora and rank == 0:
+        nano.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.student))
+    nano.print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
     if dist.is_initialized():
         dist.barrier()
 

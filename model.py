@@ -39,7 +39,7 @@ from tokenizer import (CHAT_ROLES, CHAT_SPECIAL_TOKENS, CHAT_TEMPLATES, TOKENIZE
 # The training scripts' shared helpers live in training.py; re-exported here too.
 from training import (GPU_PEAK_BF16_FLOPS, adamw, add_scale_arguments, cast_weights,  # noqa: F401
                       check_scale_arguments, checkpointed_chunks, close_distributed,
-                      full_state_dict, gpu_peak_flops, init_distributed, is_rank0, is_sharded,
+                      gpu_peak_flops, init_distributed, is_rank0, is_sharded,
                       latest_checkpoint, load_optimizer_state, load_placement, load_trainer_state,
                       lr_at, metrics_logger, parallelize, print0, resume_training, save_checkpoint,
                       set_grad_sync, unwrap)
@@ -452,9 +452,9 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None):
         return load_pretrained(cls, path, device, dtype)
 
-    def save_pretrained(self, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, state_dict=None,
-                        generation_config=None):
-        save_pretrained(self, path, max_shard_size, tokenizer_dir, extra_files, state_dict, generation_config)
+    def save_pretrained(self, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, generation_config=None,
+                        also=None):
+        save_pretrained(self, path, max_shard_size, tokenizer_dir, extra_files, generation_config, also)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -547,77 +547,151 @@ def atomic_directory(path):
     return tmp, lambda: replace_dir(tmp, path)
 
 
-def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, state_dict=None,
-                    generation_config=None):
+def write_model_directory(path, steps, all_ranks=False):
+    """Run each step(tmp) to write into a temporary directory next to `path`, then move it into place
+    (install_model_files); on any error it is removed and nothing is published. all_ranks=True (under
+    FSDP): a collective, every rank calls it and runs the steps, writing its part. After each step the
+    ranks agree: if one failed, every rank raises, saying which and why (a step's own collectives, e.g.
+    torch.distributed.checkpoint's, must not find a rank that already gave up). The ranks must see one
+    filesystem then, as resuming from it needs anyway."""
+    import torch.distributed as dist
+    group = all_ranks and dist.is_initialized()
+    rank = dist.get_rank() if group else 0
+    box = [temp_dir_beside(path) if rank == 0 else None]
+    if group:
+        dist.broadcast_object_list(box, src=0)
+    tmp = box[0]
+
+    def visible(tmp):
+        if not os.path.isdir(tmp):
+            raise FileNotFoundError(f"rank {rank} does not see {tmp}, which rank 0 made: every rank writes "
+                                    f"into {path}, so it must be on a filesystem that all ranks share")
+    try:
+        for step in [visible, *steps]:
+            failed = None
+            try:
+                step(tmp)
+            except Exception as e:              # told to the other ranks; they raise too
+                failed = e
+            report = f"rank {rank}: {type(failed).__name__}: {failed}" if failed else None
+            reports = [report]
+            if group:
+                reports = [None] * dist.get_world_size()
+                dist.all_gather_object(reports, report)
+            if failed is not None:
+                raise failed
+            if any(reports):
+                raise RuntimeError(f"writing {path} failed on another rank: " + "; ".join(r for r in reports if r))
+        if rank == 0:
+            install_model_files(tmp, path)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if group:
+        dist.barrier()
+
+
+def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, generation_config=None,
+                    also=None):
     """Write an HF model directory atomically: config.json, generation_config.json, safetensors
     (sharded with an index above max_shard_size), the tokenizer files, and any extra files.
-    Tied weights are stored once (as `model.embed_tokens.weight`), as transformers does.
-    state_dict: the full weights when the model itself holds only a shard (FSDP; see full_state_dict).
+    Tied weights are stored once (as `model.embed_tokens.weight`), as transformers does; a model with
+    LoRA adapters is stored merged, as the plain model (save_lora_adapter writes the adapter alone).
+    Under torchrun rank 0 writes and the other ranks return at once; but a model sharded by FSDP needs
+    every rank (a collective): its weights are gathered one tensor at a time and each rank keeps and
+    writes its own files of them (about 1/world of the model, at most max_shard_size per file), so no
+    rank holds the whole model.
     generation_config: the dict to start generation_config.json from (default: the source model's);
-    the config's bos/eos/pad ids override its own, and suppress_tokens is recomputed."""
+    the config's bos/eos/pad ids override its own, and suppress_tokens is recomputed.
+    also(tmp): writes more into the directory before it is published, on every rank that writes
+    (save_checkpoint puts the optimizer state there)."""
+    sharded = is_sharded(model)
+    if not (sharded or is_rank0()):
+        return
+
+    def model_files(tmp):
+        write_safetensors(model, tmp, max_shard_size)
+        if is_rank0():
+            write_config_files(model, tmp, tokenizer_dir, generation_config)
+            for name, content in (extra_files or {}).items():
+                if callable(content):               # writes the file itself (e.g. torch.save, no copy in memory)
+                    content(os.path.join(tmp, name))
+                    continue
+                with open(os.path.join(tmp, name), "wb" if isinstance(content, bytes) else "w") as f:
+                    f.write(content)
+    write_model_directory(path, [model_files] + ([also] if also is not None else []), all_ranks=sharded)
+
+
+def write_safetensors(model, tmp, max_shard_size):
+    """The weights as safetensors files in tmp, greedily sharded in state-dict order, with an index when
+    there is more than one file. Not sharded: this process writes them all. FSDP: every rank takes part in
+    gathering each tensor in turn (a collective), and file i is kept and written by rank i % world."""
+    import torch.distributed as dist
     from safetensors.torch import save_file
-    tmp, _ = atomic_directory(path)
-    try:
-        cfg = model.config
-        state = dict(state_dict if state_dict is not None else model.state_dict())
-        if cfg.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        cfg.torch_dtype = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg.to_hf(), f, indent=2, ensure_ascii=False)
-        gen = dict(generation_config) if generation_config is not None else read_generation_config(model.source_dir)
-        for key, value in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
-                           ("pad_token_id", cfg.pad_token_id)):
-            if value is None or (key == "eos_token_id" and isinstance(gen.get(key), list) and value in gen[key]):
-                continue        # (Qwen: a list of stop ids that holds config.json's eos stays a list)
-            gen[key] = value
-        tok_src = tokenizer_dir or model.source_dir
-        tok_files = [n for n in TOKENIZER_FILES if tok_src and os.path.isfile(os.path.join(tok_src, n))]
-        if "tokenizer.model" in tok_files or "tokenizer.json" in tok_files:
-            # rows past the tokenizer's last id (vocabulary padding) have no token: transformers'
-            # generate must never pick them. Recomputed at every save, never inherited: resize_vocab
-            # renumbers the vocabulary and sft.py puts new special tokens into former padding rows.
-            gen.pop("suppress_tokens", None)
-            padding = list(range(load_tokenizer(tok_src).vocab_size, cfg.vocab_size))
-            if padding:
-                gen["suppress_tokens"] = padding
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump(gen, f, indent=2)
+    from torch.distributed.tensor import DTensor
+    sharded = is_sharded(model)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    state = merged_state_dict(model) if any(isinstance(m, LoRALinear) for m in model.modules()) \
+        else model.state_dict()                    # (under FSDP: DTensors, each with its global shape)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    nbytes = {key: t.numel() * t.element_size() for key, t in state.items()}
+    limit = _parse_size(max_shard_size)
+    if sharded:                                 # a file or more per rank, so that they all write at once
+        limit = min(limit, math.ceil(sum(nbytes.values()) / world))
+    shards, size = [[]], 0
+    for key in state:
+        if shards[-1] and size + nbytes[key] > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes[key]
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    mine = {}                                   # file index -> {name: full CPU tensor}, this rank's files
+    for i, keys in enumerate(shards):
+        for key in keys:
+            t = state[key].full_tensor() if isinstance(state[key], DTensor) else state[key]
+            if i % world == rank:
+                mine.setdefault(i, {})[key] = t.detach().to("cpu").contiguous()
+            del t
+        if not sharded and i in mine:           # one writer: one file in host memory at a time
+            save_file(mine.pop(i), os.path.join(tmp, names[i]), {"format": "pt"})
+    for i, tensors in mine.items():             # FSDP: all gathered first, then the ranks write at once
+        save_file(tensors, os.path.join(tmp, names[i]), {"format": "pt"})
+    if rank == 0 and len(shards) > 1:
+        weight_map = {key: names[i] for i, keys in enumerate(shards) for key in keys}
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
 
-        # greedy sharding in state-dict order
-        limit, shards, current, size = _parse_size(max_shard_size), [], {}, 0
-        for key, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > limit:
-                shards.append(current)
-                current, size = {}, 0
-            current[key], size = t, size + nbytes
-        shards.append(current)
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file({k: v.contiguous() for k, v in shards[0].items()}, os.path.join(tmp, "model.safetensors"), meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(tmp, name), meta)
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-        for name in tok_files:
-            shutil.copy2(os.path.join(tok_src, name), os.path.join(tmp, name))
-        for name, content in (extra_files or {}).items():
-            if callable(content):                   # writes the file itself (e.g. torch.save, no copy in memory)
-                content(os.path.join(tmp, name))
-                continue
-            with open(os.path.join(tmp, name), "wb" if isinstance(content, bytes) else "w") as f:
-                f.write(content)
-        install_model_files(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def write_config_files(model, tmp, tokenizer_dir=None, generation_config=None):
+    """config.json (with the weights' dtype), generation_config.json and the tokenizer's files, into tmp."""
+    cfg = model.config
+    cfg.torch_dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg.to_hf(), f, indent=2, ensure_ascii=False)
+    gen = dict(generation_config) if generation_config is not None else read_generation_config(model.source_dir)
+    for key, value in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                       ("pad_token_id", cfg.pad_token_id)):
+        if value is None or (key == "eos_token_id" and isinstance(gen.get(key), list) and value in gen[key]):
+            continue        # (Qwen: a list of stop ids that holds config.json's eos stays a list)
+        gen[key] = value
+    tok_src = tokenizer_dir or model.source_dir
+    tok_files = [n for n in TOKENIZER_FILES if tok_src and os.path.isfile(os.path.join(tok_src, n))]
+    if "tokenizer.model" in tok_files or "tokenizer.json" in tok_files:
+        # rows past the tokenizer's last id (vocabulary padding) have no token: transformers'
+        # generate must never pick them. Recomputed at every save, never inherited: resize_vocab
+        # renumbers the vocabulary and sft.py puts new special tokens into former padding rows.
+        gen.pop("suppress_tokens", None)
+        padding = list(range(load_tokenizer(tok_src).vocab_size, cfg.vocab_size))
+        if padding:
+            gen["suppress_tokens"] = padding
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
+    for name in tok_files:
+        shutil.copy2(os.path.join(tok_src, name), os.path.join(tmp, name))
 
 
 def write_json_atomic(path, obj):
@@ -801,8 +875,8 @@ def load_lora_state_dict(model, state, source="adapter"):
 
 @torch.no_grad()
 def merged_state_dict(model) -> dict:
-    """The model's weights with every LoRA update merged in, under the base model's keys, so that
-    save_pretrained writes a plain HF checkpoint. Merged tensors are moved to the CPU as they are made
+    """The model's weights with every LoRA update merged in, under the base model's keys: what
+    save_pretrained writes for a model with adapters, a plain HF checkpoint. Merged tensors are moved to the CPU as they are made
     (one extra copy of each wrapped weight in host memory, not on the GPU); the model is untouched."""
     state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     for name, module in model.named_modules():

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import (Config, Transformer, adamw, add_scale_arguments, cast_weights, check_scale_arguments,
-                   checkpointed_chunks, close_distributed, full_state_dict, gpu_peak_flops, init_distributed,
+                   checkpointed_chunks, close_distributed, gpu_peak_flops, init_distributed,
                    jsonl_texts, latest_checkpoint, load_optimizer_state, load_placement, load_tokenizer,
                    load_trainer_state, lr_at, metrics_logger, parallelize, rename_durably, save_checkpoint,
                    set_grad_sync, temp_dir_beside, write_json_atomic)
@@ -739,7 +739,7 @@ def train(args):
             if state["args"][key] != run_args[key]:
                 raise ValueError(f"--resume: '{key}' was {state['args'][key]!r} in {ckpt}, now {run_args[key]!r}; "
                                  "the data position would not mean the same rows")
-        load_optimizer_state(model, optimizer, state["optimizer"])
+        load_optimizer_state(model, optimizer, ckpt)
         data.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
         if cuda and state["rng"]["cuda"].numel():
@@ -759,14 +759,10 @@ def train(args):
             record({"step": step, **{f"val_bpb/{k}": v for k, v in bpb.items()}})
 
     def checkpoint(step):
-        weights, optimizer_state = full_state_dict(model, optimizer)        # a collective under FSDP
-        if rank == 0:
-            save_checkpoint(args.out, step, raw, {
-                "step": step, "optimizer": optimizer_state, "data": data.state_dict(), "rng": rng_state(device),
-                "args": {k: run_args[k] for k in RESUME_MUST_MATCH}},
-                tokenizer_dir=args.tokenizer, keep=args.keep_checkpoints, state_dict=weights)
-        if world > 1:
-            dist.barrier()
+        save_checkpoint(args.out, step, model, optimizer, {                  # every rank (see its docstring)
+            "step": step, "data": data.state_dict(), "rng": rng_state(device),
+            "args": {k: run_args[k] for k in RESUME_MUST_MATCH}},
+            tokenizer_dir=args.tokenizer, keep=args.keep_checkpoints)
 
     peak = gpu_peak_flops(device)
     kill_at = int(os.environ.get("NANOADAPT_KILL_AT_STEP", 0))   # for the tests: die hard at this step
@@ -839,11 +835,10 @@ def train(args):
     bar.close()
     if start_step < max_steps:
         evaluate(max_steps)
-    weights = full_state_dict(model)[0]                        # a collective under FSDP
-    if rank == 0:
-        # into the run directory itself, next to checkpoints/ and metrics.jsonl (which stay)
-        raw.save_pretrained(args.out, tokenizer_dir=args.tokenizer, state_dict=weights)
-        log(f"saved the final model to {args.out}")
+    # into the run directory itself, next to checkpoints/ and metrics.jsonl (which stay). Every rank calls
+    # it: rank 0 writes, or under FSDP every rank writes its part.
+    raw.save_pretrained(args.out, tokenizer_dir=args.tokenizer)
+    log(f"saved the final model to {args.out}")
     if world > 1:
         dist.barrier()
 

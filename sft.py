@@ -283,17 +283,10 @@ def train(args):
         M.write_json_atomic(os.path.join(args.out, "args.json"), vars(args))
 
     def checkpoint(step):
-        weights, optim_state = M.full_state_dict(model, optimizer)     # a collective under FSDP
-        if lora and rank == 0:
-            weights = M.merged_state_dict(raw)           # the checkpoint is a plain HF model; adapter in the state
-        if rank == 0:
-            trainer_state = {"step": step, "optimizer": optim_state, "data_plan": data_plan}
-            if lora:
-                trainer_state["lora"] = M.lora_state_dict(raw)
-            M.save_checkpoint(args.out, step, raw, trainer_state, tokenizer_dir=tok_dir, keep=args.keep,
-                              state_dict=weights)
-        if dist.is_initialized():
-            dist.barrier()
+        # every rank: rank 0 writes, under FSDP all do. The weights are the merged model (a plain HF
+        # model); the adapter is in the trainer state.
+        trainer_state = {"step": step, "data_plan": data_plan} | ({"lora": M.lora_state_dict(raw)} if lora else {})
+        M.save_checkpoint(args.out, step, model, optimizer, trainer_state, tokenizer_dir=tok_dir, keep=args.keep)
 
     peak = M.gpu_peak_flops(device)
     # frozen weights get no weight gradient: about 4 instead of 6 FLOPs per parameter and token
@@ -358,14 +351,11 @@ def train(args):
     progress.close()
 
     # -- final model ---------------------------------------------------------------------------------
-    weights = M.full_state_dict(model)[0]                    # a collective under FSDP
+    # every rank: rank 0 writes, under FSDP all do; checkpoints/ etc. in the directory stay
+    raw.save_pretrained(args.out, tokenizer_dir=tok_dir)
     if lora and rank == 0:
-        weights = M.merged_state_dict(raw)
-    if rank == 0:
-        raw.save_pretrained(args.out, tokenizer_dir=tok_dir, state_dict=weights)   # checkpoints/ etc. stay
-        if lora:
-            M.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.model))
-        print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
+        M.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.model))
+    print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
 
     # -- sample answers ------------------------------------------------------------------------------
     if rank == 0 and args.samples > 0 and not args.fsdp:

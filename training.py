@@ -4,10 +4,12 @@ the chunked loss head and the flags for scale.
 
 Split out of model.py, which re-exports these names, so the stage scripts import everything from model.
 """
+import contextlib
 import json
 import math
 import os
 import shutil
+import warnings
 
 import torch
 import torch.nn as nn
@@ -19,8 +21,8 @@ def init_distributed():
     if "RANK" not in os.environ:
         return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    # While rank 0 writes a checkpoint (at 7B: ~87 GB of weights and optimizer state), the others wait
-    # in a barrier: NCCL's default 10-minute timeout would kill the run on a slow disk.
+    # Collectives wait for the slowest rank, and while one writes its part of a checkpoint (at 7B: ~87 GB
+    # of weights and optimizer state in all) NCCL's default 10-minute timeout could kill the run on a slow disk.
     from datetime import timedelta
     timeout = timedelta(minutes=30)
     if torch.cuda.is_available():
@@ -66,19 +68,59 @@ def lr_at(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
     return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_checkpoint(run_dir, step, model, trainer_state, tokenizer_dir=None, keep=2, state_dict=None):
-    """checkpoints/step_NNNNNN/: the HF model dir plus trainer_state.pt (optimizer, step, data position,
-    RNG), written atomically; older checkpoints beyond `keep` are removed. Rank 0 only
-    (under FSDP, gather state_dict and the optimizer state on all ranks first: see full_state_dict).
-    Also removes what a killed save left behind (.step_*.tmp-* directories: tens of GB at 7B)."""
+def save_checkpoint(run_dir, step, model, optimizer, trainer_state, tokenizer_dir=None, keep=2):
+    """checkpoints/step_NNNNNN/: the HF model dir (model.save_pretrained), trainer_state.pt (step, data
+    position, RNG, ...) and optimizer/, the optimizer state as torch.distributed.checkpoint writes it (under
+    FSDP each rank writes its shard, one file per rank), read back at any world size, with or without
+    FSDP. Written atomically; checkpoints beyond the newest `keep` are removed. Every rank calls it: rank 0
+    writes, except under FSDP, where all do (model.save_pretrained). Also removes what a killed save left
+    behind (.step_*.tmp-* directories: tens of GB at 7B)."""
+    raw = unwrap(model)
     ckpt_root = os.path.join(run_dir, "checkpoints")
-    model.save_pretrained(os.path.join(ckpt_root, f"step_{step:06d}"), tokenizer_dir=tokenizer_dir,
-                          extra_files={"trainer_state.pt": lambda path: torch.save(trainer_state, path)},
-                          state_dict=state_dict)
-    complete = _complete_checkpoints(ckpt_root)
-    for d in os.listdir(ckpt_root):
-        if d.startswith(".step_") or (d.startswith("step_") and d not in (complete[-keep:] if keep else complete)):
-            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    raw.save_pretrained(os.path.join(ckpt_root, f"step_{step:06d}"), tokenizer_dir=tokenizer_dir,
+                        extra_files={"trainer_state.pt": lambda path: torch.save(trainer_state, path)},
+                        also=lambda tmp: save_optimizer_state(raw, optimizer, os.path.join(tmp, "optimizer")))
+    if is_rank0():                              # (after save_pretrained's agreement under FSDP)
+        complete = _complete_checkpoints(ckpt_root)
+        for d in os.listdir(ckpt_root):
+            if d.startswith(".step_") or (d.startswith("step_") and d not in (complete[-keep:] if keep else complete)):
+                shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()                          # the ranks go on together, with the checkpoint complete
+
+
+def save_optimizer_state(model, optimizer, path):
+    """The optimizer state keyed by parameter name, written by torch.distributed.checkpoint into `path`:
+    under FSDP by every rank, its own shard (a collective); otherwise by this process alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    with one_process_is_intended():
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=path,
+                 no_dist=not is_sharded(model))
+
+
+def load_optimizer_state(model, optimizer, ckpt_dir):
+    """Restore the optimizer state save_checkpoint wrote, resharded to this run: FSDP or not, any world size.
+    Under FSDP a collective; otherwise each rank reads the whole state alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    path = os.path.join(ckpt_dir, "optimizer")
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"--resume: {ckpt_dir} has no optimizer state ({path}/.metadata)")
+    model = unwrap(model)
+    state = get_optimizer_state_dict(model, optimizer)     # this run's layout; dcp.load fills it in place
+    with one_process_is_intended():
+        dcp.load({"optimizer": state}, checkpoint_id=path, no_dist=not is_sharded(model))
+    set_optimizer_state_dict(model, optimizer, state)
+
+
+@contextlib.contextmanager
+def one_process_is_intended():
+    """Silences torch.distributed.checkpoint's warning that, with no process group, it works in one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
 
 
 def resume_training(ckpt_dir, model, optimizer, lora=False, data_plan=None):
@@ -95,7 +137,7 @@ def resume_training(ckpt_dir, model, optimizer, lora=False, data_plan=None):
     if lora:
         from model import load_lora_state_dict          # (model.py imports this module: import when used)
         load_lora_state_dict(unwrap(model), state["lora"], ckpt_dir)
-    load_optimizer_state(model, optimizer, state["optimizer"])
+    load_optimizer_state(model, optimizer, ckpt_dir)
     print0(f"resumed from {ckpt_dir} at step {state['step']}")
     return state["step"]
 
@@ -138,8 +180,7 @@ def _complete_checkpoints(root):
 
 
 def load_trainer_state(ckpt_dir):
-    """trainer_state.pt, memory-mapped: every rank reads the same file, and at 7B its optimizer state is
-    ~58 GB; mapped, the ranks share the page cache instead of each holding a copy."""
+    """trainer_state.pt (the optimizer state is apart, in optimizer/: load_optimizer_state), memory-mapped."""
     return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=True, mmap=True)
 
 
@@ -287,29 +328,3 @@ def set_grad_sync(model, last_micro_step):
 def is_sharded(model):
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
-
-
-def full_state_dict(model, optimizer=None):
-    """(weights, optimizer state) as full CPU tensors, gathered from FSDP shards when sharded. Every
-    rank must call it (it is a collective under FSDP); the result is meant for rank 0 to save.
-    The optimizer state is keyed by parameter name under FSDP and by index otherwise, so a
-    checkpoint resumes in the mode (FSDP or not) it was written in, at any world size."""
-    model = unwrap(model)
-    if not is_sharded(model):
-        return model.state_dict(), (optimizer.state_dict() if optimizer is not None else None)
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=opts)
-    optim = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
-    return weights, optim
-
-
-def load_optimizer_state(model, optimizer, state):
-    """Restore an optimizer state saved by full_state_dict, sharding it again under FSDP."""
-    model = unwrap(model)
-    if not is_sharded(model):
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -407,8 +407,10 @@ def read_metrics(run):
 
 
 def weights(path):
+    """Every tensor of a saved model: one safetensors file, or the several an FSDP save writes."""
     from safetensors.torch import load_file
-    return load_file(os.path.join(path, "model.safetensors"))
+    files = [n for n in os.listdir(path) if n.endswith(".safetensors")]
+    return {k: v for n in files for k, v in load_file(os.path.join(path, n)).items()}
 
 
 def test_train_lowers_kl_saves_hf_and_resumes_exactly(env, tmp_path):

@@ -282,23 +282,35 @@ def test_padding_rows_are_suppressed_for_transformers_generate(tmp_path):
 
 
 def test_checkpoints_are_complete_or_ignored(tmp_path):
-    """save_checkpoint writes the trainer state with the weights and removes what a killed save left;
-    latest_checkpoint takes only directories with both trainer_state.pt and config.json (written last)."""
-    from model import latest_checkpoint, load_trainer_state, save_checkpoint
+    """save_checkpoint writes the trainer state and the optimizer state with the weights and removes what a
+    killed save left; latest_checkpoint takes only directories with both trainer_state.pt and config.json
+    (written last); load_optimizer_state gives a fresh optimizer the saved state back."""
+    from model import adamw, latest_checkpoint, load_optimizer_state, load_trainer_state, save_checkpoint
     make_hf_model("llama", tmp_path / "hf")
     model = Transformer.from_pretrained(tmp_path / "hf")
+    optimizer = adamw(model, 1e-3, (0.9, 0.95), weight_decay=0.1)
+    for _ in range(2):
+        model(torch.tensor([[1, 5, 6, 7]])).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints" / ".step_000001.tmp-killed")
-    state = {"step": 2, "optimizer": {"m": torch.arange(5.0)}}
-    save_checkpoint(str(run), 2, model, state)
+    state = {"step": 2, "data": {"position": torch.arange(5)}}
+    save_checkpoint(str(run), 2, model, optimizer, state)
     assert sorted(os.listdir(run / "checkpoints")) == ["step_000002"]
     loaded = load_trainer_state(str(run / "checkpoints" / "step_000002"))
-    assert loaded["step"] == 2 and torch.equal(loaded["optimizer"]["m"], torch.arange(5.0))
+    assert loaded["step"] == 2 and torch.equal(loaded["data"]["position"], torch.arange(5))
+    fresh = adamw(model, 5e-1, (0.5, 0.5))
+    load_optimizer_state(model, fresh, str(run / "checkpoints" / "step_000002"))
+    assert fresh.param_groups[0]["lr"] == 1e-3 and fresh.param_groups[0]["weight_decay"] == 0.1
+    for p in model.parameters():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(fresh.state[p][key], optimizer.state[p][key]), key
     os.makedirs(run / "checkpoints" / "step_000003")          # killed mid-replace: no config.json
     (run / "checkpoints" / "step_000003" / "trainer_state.pt").write_bytes(
         (run / "checkpoints" / "step_000002" / "trainer_state.pt").read_bytes())
     assert latest_checkpoint(str(run)) == str(run / "checkpoints" / "step_000002")
-    save_checkpoint(str(run), 4, model, {**state, "step": 4}, keep=2)
+    save_checkpoint(str(run), 4, model, optimizer, {**state, "step": 4}, keep=2)
     assert latest_checkpoint(str(run)) == str(run / "checkpoints" / "step_000004")
     assert sorted(os.listdir(run / "checkpoints")) == ["step_000002", "step_000004"]   # the 2 newest complete ones
 
@@ -355,21 +367,23 @@ def test_saves_reach_the_disk_before_they_are_published(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "rename", rename("rename", real_rename))
     monkeypatch.setattr(os, "replace", rename("replace", real_replace))
 
-    def check(final, root):
-        """final: the published directory; root: the directory whose entry the last rename changed."""
+    def check(final, root, subdirs=()):
+        """final: the published directory; root: the directory whose entry the last rename changed;
+        subdirs: those of final's directories that this save wrote too."""
         final, root = os.path.realpath(final), os.path.realpath(root)
         publish = max(i for i, e in enumerate(events) if e[0] != "fsync" and e[2].startswith(final))
         synced = {e[1] for e in events[:publish] if e[0] == "fsync"}
         source = {e[2]: e[1] for e in events[:publish + 1] if e[0] != "fsync"}       # final name -> written as
-        for name in os.listdir(final):
+        files = [n for n in os.listdir(final) if os.path.isfile(os.path.join(final, n))]
+        for name in files + [os.path.join(d, n) for d in subdirs for n in os.listdir(os.path.join(final, d))]:
             path = os.path.join(final, name)
             written_at = source.get(path) or os.path.join(source.get(final, final), name)  # alone, or in its dir
-            if os.path.isfile(path):
-                assert written_at in synced, f"{name} was published before it was fsynced"
+            assert written_at in synced, f"{name} was published before it was fsynced"
         assert ("fsync", root) in events[publish + 1:], "the rename itself was not made durable"
 
-    save_checkpoint(str(tmp_path / "run"), 1, model, {"step": 1})
-    check(tmp_path / "run" / "checkpoints" / "step_000001", tmp_path / "run" / "checkpoints")
+    save_checkpoint(str(tmp_path / "run"), 1, model, torch.optim.AdamW(model.parameters()), {"step": 1})
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "step_000001" / "optimizer" / ".metadata")
+    check(tmp_path / "run" / "checkpoints" / "step_000001", tmp_path / "run" / "checkpoints", ["optimizer"])
     events.clear()
     model.save_pretrained(tmp_path / "run")                  # the final model, into the run directory
     check(tmp_path / "run", tmp_path / "run")
@@ -420,3 +434,53 @@ def test_parallelize_applies_compile_and_activation_checkpointing(tmp_path):
     plain.gradient_checkpointing = True
     plain(ids).sum().backward()
     assert len(calls) == 3                              # once plain; twice checkpointed (forward, then recomputed)
+
+
+FSDP_SAVE_SCRIPT = """
+import sys, torch
+from model import Transformer, close_distributed, init_distributed, load_placement, parallelize
+
+def main(source, out):
+    rank, _, _, cpu = init_distributed()
+    model = Transformer.from_pretrained(source, **load_placement(cpu, torch.float32, fsdp=True))
+    model = parallelize(model, cpu, dtype=torch.float32, fsdp=True)
+    model.save_pretrained(out + "/ok", max_shard_size="30KB")
+    def disk_full_on_rank_1(tmp):
+        if rank == 1:
+            raise OSError("disk full")
+    try:
+        model.save_pretrained(out + "/bad", also=disk_full_on_rank_1)
+    except Exception as e:
+        print(f"raised on rank {rank}: {type(e).__name__}: {e}", flush=True)
+
+main(*sys.argv[1:])
+close_distributed()
+"""
+
+
+def test_fsdp_ranks_write_their_share_and_fail_together(tmp_path):
+    """Under FSDP (2 ranks) save_pretrained gathers the sharded weights and the ranks write its files
+    between them: the result holds exactly the source's tensors, with an index, and transformers loads it.
+    When one rank fails, every rank raises, saying which, and nothing is left: no model, no temporary."""
+    import subprocess
+    import sys
+    import transformers
+    make_hf_model("qwen3_tied", tmp_path / "hf")
+    (tmp_path / "save.py").write_text(FSDP_SAVE_SCRIPT)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "save.py"), str(tmp_path / "hf"), str(tmp_path / "out")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    index = json.loads((tmp_path / "out" / "ok" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3                  # 30 KB files: both ranks write some
+    source = Transformer.from_pretrained(tmp_path / "hf").state_dict()
+    saved = Transformer.from_pretrained(tmp_path / "out" / "ok").state_dict()
+    assert set(saved) == set(source) and all(torch.equal(saved[k], source[k]) for k in source)
+    assert "lm_head.weight" not in index["weight_map"]                  # tied: stored once
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "ok", dtype=torch.float32)
+    assert torch.equal(hf.model.layers[1].mlp.down_proj.weight, source["model.layers.1.mlp.down_proj.weight"])
+    assert "raised on rank 1: OSError: disk full" in r.stdout
+    assert "raised on rank 0: RuntimeError: writing" in r.stdout and "failed on another rank: rank 1: OSError: disk full" in r.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == ["ok"]

@@ -7,6 +7,7 @@ on it on the spot, and tiny random decoders (2 layers, hidden 64, sequences of 3
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -457,22 +458,41 @@ def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path, caps
 
 
 def test_fsdp_sharded_checkpoint_resumes(corpus, base, tmp_path):
-    """Under FSDP2 the checkpoint is gathered from the shards (weights and optimiser state); killed
-    after it and resumed, again sharded over 2 ranks, the run continues exactly as the uninterrupted one."""
-    common = ["--model", str(base), "--data", str(corpus / "ru.txt"), "--batch-size", "1", "--grad-accum", "1",
-              "--max-steps", "4", "--eval-every", "0", "--save-every", "2", "--fsdp"]
+    """Under FSDP2 each rank writes its part of a checkpoint: a safetensors file of the weights it gathered,
+    and its shard of the optimizer state (torch.distributed.checkpoint). Killed after it and resumed, again
+    sharded over 2 ranks, the run continues exactly as the uninterrupted one; resumed in one process without
+    FSDP (the same global batch: the state is resharded), it continues as that run to rounding."""
+    common = ["--model", str(base), "--data", str(corpus / "ru.txt"), "--batch-size", "1",
+              "--max-steps", "4", "--eval-every", "0", "--save-every", "2"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    r = run_subprocess([*common, *common_args(full, tmp_path / "cache")], torchrun=2)
+    r = run_subprocess([*common, "--grad-accum", "1", "--fsdp", *common_args(full, tmp_path / "cache")], torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    killed = run_subprocess([*common, *common_args(cut, tmp_path / "cache")], {"NANOADAPT_KILL_AT_STEP": "3"},
-                            torchrun=2)
+    killed = run_subprocess([*common, "--grad-accum", "1", "--fsdp", *common_args(cut, tmp_path / "cache")],
+                            {"NANOADAPT_KILL_AT_STEP": "3"}, torchrun=2)
     assert killed.returncode != 0 and not (cut / "config.json").exists()
-    assert (cut / "checkpoints" / "step_000002" / "trainer_state.pt").exists()
-    r = run_subprocess([*common, *common_args(cut, tmp_path / "cache"), "--resume"], torchrun=2)
+    ckpt = cut / "checkpoints" / "step_000002"
+    assert sorted(os.listdir(ckpt / "optimizer")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert "optimizer" not in torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    weight_map = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) >= 2 and set(weight_map) == set(Transformer.from_pretrained(str(base)).state_dict())
+    shutil.copytree(cut, tmp_path / "cut_one")
+    r = run_subprocess([*common, "--grad-accum", "1", "--fsdp", *common_args(cut, tmp_path / "cache"), "--resume"],
+                       torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = metrics(full), metrics(cut)
     assert [m["step"] for m in a] == [m["step"] for m in b]
     assert_same_run(a, b, full, cut)
+
+    one = tmp_path / "cut_one"
+    pretrain.main([*common, "--grad-accum", "2", *common_args(one, tmp_path / "cache"), "--resume"])
+    assert [m["step"] for m in metrics(one)] == [m["step"] for m in a]
+    for x, y in zip(a, metrics(one)):
+        for key in x:
+            if key not in ("tokens_per_s", "mfu", "step"):
+                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    w_full, w_one = Transformer.from_pretrained(str(full)).state_dict(), Transformer.from_pretrained(str(one)).state_dict()
+    for k in w_full:
+        torch.testing.assert_close(w_one[k], w_full[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 # ------------------------------------------------------------------------------------------------

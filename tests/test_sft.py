@@ -169,7 +169,9 @@ def test_lora(tmp_path):
     # merged: the base keys only, same logits in our model and in transformers
     merged = M.merged_state_dict(model)
     assert set(merged) == base_keys
-    model.save_pretrained(tmp_path / "merged", state_dict=merged)
+    model.save_pretrained(tmp_path / "merged")                # a model with adapters is saved merged
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    assert set(saved) == base_keys and all(torch.equal(saved[k], merged[k]) for k in saved)
     with torch.no_grad():
         assert rel_err(Transformer.from_pretrained(tmp_path / "merged")(ids), out) < 1e-5
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
