@@ -2,22 +2,16 @@
 never spends its time on a broken script. These check the scripts, not speed: their timings on a CPU
 and under the Triton interpreter mean nothing, and no timing is asserted on. (--check's accuracy verdict
 is: its error ratios do not depend on the device.)"""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launch import run_script
 
 
-def run_bench(*argv, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # each script decides
-    env["OMP_NUM_THREADS"] = "1"                     # (as the other tests' launchers: two ranks share 2 cores)
-    r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+def run_bench(script, *args, ranks=0):
+    """A bench script's output; TRITON_INTERPRET left unset (each script decides)."""
+    return run_script(script, *args, ranks=ranks, env={"TRITON_INTERPRET": None}).stdout
 
 
 def table_rows(out, first_cell):
@@ -65,7 +59,6 @@ def test_train_smoke(only):
 def test_fsdp_load_smoke():
     """Two ranks (gloo), a tiny random bf16 checkpoint: both ways of loading and of saving run and both
     tables are printed."""
-    out = run_bench("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "bench/fsdp_load.py",
-                    "--layers", "2", "--hidden", "128", "--vocab", "512")
+    out = run_bench("bench/fsdp_load.py", "--layers", "2", "--hidden", "128", "--vocab", "512", ranks=2)
     rows = table_rows(out, r"\| (baseline|nanoadapt)")
     assert [r.split()[1] for r in rows] == ["baseline", "nanoadapt"] * 2

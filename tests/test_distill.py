@@ -6,8 +6,6 @@ random transformers checkpoints that share it."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,11 +14,11 @@ import torch.nn.functional as F
 
 import distill
 import model as nano
+from launch import run_script
 from tiny_models import make_hf_model
 from tokenizer_samples import EN, RU, train_sp
 
 os.environ.setdefault("NANOADAPT_ATTENTION", "sdpa")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 10
 
 
@@ -447,12 +445,8 @@ def test_lora_trains_only_the_adapter(env, tmp_path):
     assert os.path.isfile(os.path.join(run, "adapter", "adapter_model.safetensors"))
 
 
-def torchrun(*args, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "distill.py"), *args]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def torchrun(*args):
+    run_script("distill.py", *args, ranks=2)
 
 
 def test_ddp_dump_and_train_equal_one_process(env, tmp_path):

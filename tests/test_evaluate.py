@@ -5,14 +5,13 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import evaluate
 from evaluate import InputError, language_purity, parse_args, run, sliding_windows
+from launch import run_script
 from tiny_models import make_hf_model
 
 os.environ.setdefault("NANOADAPT_ATTENTION", "sdpa")
@@ -434,10 +433,7 @@ def test_torchrun_gives_the_same_report_as_plain_python(tmp_path, llama):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": RU[:20]}, {"prompt": EN[:30]}, {"prompt": "Гуров"}])
     common = ["--models", path, "--text", str(tmp_path / "t.txt"), "--mc", bench, "--prompts", prompts,
               "--max-len", "64", "--stride", "24", "--max-new-tokens", "8", "--batch-size", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(REPO, "evaluate.py"), *common, "--out", str(tmp_path / "ddp.json")],
-                   check=True, env=env, cwd=tmp_path, capture_output=True, timeout=120)
+    run_script("evaluate.py", *common, "--out", tmp_path / "ddp.json", ranks=2)
     plain = run(parse_args(common + ["--out", str(tmp_path / "plain.json")]))
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     assert ddp["args"]["world_size"] == 2

@@ -462,17 +462,11 @@ def test_fsdp_ranks_write_their_share_and_fail_together(tmp_path):
     """Under FSDP (2 ranks) save_pretrained gathers the sharded weights and the ranks write its files
     between them: the result holds exactly the source's tensors, with an index, and transformers loads it.
     When one rank fails, every rank raises, saying which, and nothing is left: no model, no temporary."""
-    import subprocess
-    import sys
     import transformers
+    from launch import run_script
     make_hf_model("qwen3_tied", tmp_path / "hf")
     (tmp_path / "save.py").write_text(FSDP_SAVE_SCRIPT)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(tmp_path / "save.py"), str(tmp_path / "hf"), str(tmp_path / "out")],
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script(tmp_path / "save.py", tmp_path / "hf", tmp_path / "out", ranks=2)
     index = json.loads((tmp_path / "out" / "ok" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3                  # 30 KB files: both ranks write some
     source = Transformer.from_pretrained(tmp_path / "hf").state_dict()

@@ -8,17 +8,15 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import pretrain
+from launch import run_script
 from model import Config, Transformer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EN_WORDS = ("the cat dog sat on a mat and ran to house big small red green tree river boat man woman child "
             "said saw had was is went came over under with from").split()
 RU_WORDS = ("кот собака сидел на коврике и бежал к дому большой маленький красный зелёный дерево река лодка "
@@ -321,11 +319,8 @@ def test_extend_mode_reference(corpus, base, tok_dir, tmp_path):
 
 
 def run_subprocess(argv, env_extra=None, torchrun=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] \
-        if torchrun else [sys.executable]
-    return subprocess.run(launcher + [os.path.join(REPO, "pretrain.py"), *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    """pretrain.py in a process of its own (torchrun with that many ranks); the caller checks the exit."""
+    return run_script("pretrain.py", *argv, ranks=torchrun, env=env_extra, check=False)
 
 
 def test_torchrun_two_processes_match_one(corpus, base, tmp_path):

@@ -349,8 +349,7 @@ def test_sft_end_to_end_and_resume(tmp_path, mode):
 def test_loss_is_normalised_over_the_global_batch(tmp_path):
     """The same rows per optimizer step, split into micro-batches differently (and over two ranks):
     the same losses, which holds only when every supervised token of the step weighs the same."""
-    import subprocess
-    import sys
+    from launch import run_script
     base = make_base(tmp_path / "base", family="qwen2", chat_tokens=True)
     data = write_chat_data(tmp_path / "chat.jsonl")
 
@@ -361,24 +360,18 @@ def test_loss_is_normalised_over_the_global_batch(tmp_path):
     assert four_micro == pytest.approx(one_micro, rel=1e-5)
 
     # torchrun, two ranks on CPU (gloo): 2 rows per rank and micro-step, 1 micro-step
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "sft.py", "--model", base, "--data", data, "--out", str(tmp_path / "ddp"), "--seq-len", "64",
-           "--batch-size", "2", "--grad-accum", "1", "--lr", "3e-3", "--epochs", "1", "--max-steps", "4",
-           "--save-every", "2", "--eval-every", "2", "--samples", "0", "--seed", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                   capture_output=True, timeout=300)
+    common = ["--model", base, "--data", data, "--seq-len", "64", "--batch-size", "2", "--grad-accum", "1",
+              "--lr", "3e-3", "--epochs", "1", "--max-steps", "4", "--save-every", "2", "--eval-every", "2",
+              "--samples", "0", "--seed", "1"]
+    run_script("sft.py", *common, "--out", tmp_path / "ddp", ranks=2)
     ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
     assert losses(ddp) == pytest.approx(one_micro, rel=1e-5)
 
     # FSDP2: weights, gradients and optimizer state sharded over the two ranks, with each layer compiled
     # (inductor) and checkpointed: the same losses
-    fsdp_out = str(tmp_path / "fsdp")
-    cmd[cmd.index(str(tmp_path / "ddp"))] = fsdp_out
-    r = subprocess.run(cmd + ["--fsdp", "--compile", "--activation-checkpointing"], env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    fsdp = [json.loads(line) for line in open(os.path.join(fsdp_out, "metrics.jsonl"))]
+    run_script("sft.py", *common, "--out", tmp_path / "fsdp", "--fsdp", "--compile", "--activation-checkpointing",
+               ranks=2)
+    fsdp = [json.loads(line) for line in open(tmp_path / "fsdp" / "metrics.jsonl")]
     assert losses(fsdp) == pytest.approx(one_micro, rel=1e-5)
     assert [r["val_loss"] for r in fsdp if "val_loss" in r] == \
         pytest.approx([r["val_loss"] for r in ddp if "val_loss" in r], rel=1e-5)
