@@ -25,10 +25,8 @@ import concurrent.futures as cf
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
