@@ -552,44 +552,59 @@ def write_model_directory(path, steps, all_ranks=False):
     (install_model_files); on any error it is removed and nothing is published. all_ranks=True (under
     FSDP): a collective, every rank calls it and runs the steps, writing its part. After each step the
     ranks agree: if one failed, every rank raises, saying which and why (a step's own collectives, e.g.
-    torch.distributed.checkpoint's, must not find a rank that already gave up). The ranks must see one
+    torch.distributed.checkpoint's, must not find a rank that already gave up; a rank that fails inside
+    a collective stops the others there, as any failed collective does). The ranks must see one
     filesystem then, as resuming from it needs anyway."""
     import torch.distributed as dist
     group = all_ranks and dist.is_initialized()
     rank = dist.get_rank() if group else 0
-    box = [temp_dir_beside(path) if rank == 0 else None]
-    if group:
-        dist.broadcast_object_list(box, src=0)
-    tmp = box[0]
+    tmp = None
 
-    def visible(tmp):
+    def agree(step):
+        """step() on this rank, then every rank learns whether any failed."""
+        failed = None
+        try:
+            step()
+        except Exception as e:                  # told to the other ranks; they raise too
+            failed = e
+        report = f"rank {rank}: {type(failed).__name__}: {failed}" if failed else None
+        reports = [report]
+        if group:
+            reports = [None] * dist.get_world_size()
+            dist.all_gather_object(reports, report)
+        if failed is not None:
+            raise failed
+        if any(reports):
+            raise RuntimeError(f"writing {path} failed on another rank: " + "; ".join(r for r in reports if r))
+
+    def make():
+        """Rank 0 makes the directory and tells the others its name (or that it could not)."""
+        nonlocal tmp
+        box, error = [None], None
+        if rank == 0:
+            try:
+                box = [temp_dir_beside(path)]
+            except Exception as e:              # raised after the broadcast, which the others wait in
+                error = e
+        if group:
+            dist.broadcast_object_list(box, src=0)
+        tmp = box[0]
+        if error is not None:
+            raise error
+        if tmp is None:
+            raise FileNotFoundError(f"rank 0 could not make a temporary directory beside {path}")
         if not os.path.isdir(tmp):
             raise FileNotFoundError(f"rank {rank} does not see {tmp}, which rank 0 made: every rank writes "
                                     f"into {path}, so it must be on a filesystem that all ranks share")
     try:
-        for step in [visible, *steps]:
-            failed = None
-            try:
-                step(tmp)
-            except Exception as e:              # told to the other ranks; they raise too
-                failed = e
-            report = f"rank {rank}: {type(failed).__name__}: {failed}" if failed else None
-            reports = [report]
-            if group:
-                reports = [None] * dist.get_world_size()
-                dist.all_gather_object(reports, report)
-            if failed is not None:
-                raise failed
-            if any(reports):
-                raise RuntimeError(f"writing {path} failed on another rank: " + "; ".join(r for r in reports if r))
-        if rank == 0:
-            install_model_files(tmp, path)
+        agree(make)
+        for step in steps:
+            agree(lambda: step(tmp))
+        agree(lambda: install_model_files(tmp, path) if rank == 0 else None)
     except BaseException:
-        if rank == 0:
+        if rank == 0 and tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if group:
-        dist.barrier()
 
 
 def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, generation_config=None,
@@ -624,9 +639,11 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
 
 
 def write_safetensors(model, tmp, max_shard_size):
-    """The weights as safetensors files in tmp, greedily sharded in state-dict order, with an index when
-    there is more than one file. Not sharded: this process writes them all. FSDP: every rank takes part in
-    gathering each tensor in turn (a collective), and file i is kept and written by rank i % world."""
+    """The weights as safetensors files in tmp, split in state-dict order, with an index when there is
+    more than one file. Not sharded: this process writes them all, each file at most max_shard_size
+    (greedily). FSDP: every rank takes part in gathering each tensor in turn (a collective); the tensors
+    are split into files of about equal size, at least one per rank (each tensor in the file its middle
+    byte falls in), and file i is kept and written by rank i % world."""
     import torch.distributed as dist
     from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
@@ -637,29 +654,42 @@ def write_safetensors(model, tmp, max_shard_size):
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     nbytes = {key: t.numel() * t.element_size() for key, t in state.items()}
-    limit = _parse_size(max_shard_size)
-    if sharded:                                 # a file or more per rank, so that they all write at once
-        limit = min(limit, math.ceil(sum(nbytes.values()) / world))
-    shards, size = [[]], 0
-    for key in state:
-        if shards[-1] and size + nbytes[key] > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes[key]
+    total, limit = sum(nbytes.values()), _parse_size(max_shard_size)
+    if sharded:                                 # every rank writes at once, about the same amount
+        n, offset, shards = max(world, math.ceil(total / limit)), 0, []
+        for key in state:
+            i = min(n - 1, int((offset + nbytes[key] / 2) * n // max(total, 1)))
+            shards += [[] for _ in range(i + 1 - len(shards))]
+            shards[i].append(key)
+            offset += nbytes[key]
+        shards = [keys for keys in shards if keys]
+    else:
+        shards, size = [[]], 0
+        for key in state:
+            if shards[-1] and size + nbytes[key] > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(key)
+            size += nbytes[key]
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    mine = {}                                   # file index -> {name: full CPU tensor}, this rank's files
+    mine, failed = {}, None                     # file index -> {name: full CPU tensor}, this rank's files
     for i, keys in enumerate(shards):
         for key in keys:
             t = state[key].full_tensor() if isinstance(state[key], DTensor) else state[key]
-            if i % world == rank:
-                mine.setdefault(i, {})[key] = t.detach().to("cpu").contiguous()
+            if i % world == rank and failed is None:
+                try:                            # (a failure here must not make this rank skip a gather)
+                    mine.setdefault(i, {})[key] = t.detach().to("cpu").contiguous()
+                except Exception as e:
+                    failed, mine = e, {}
             del t
         if not sharded and i in mine:           # one writer: one file in host memory at a time
             save_file(mine.pop(i), os.path.join(tmp, names[i]), {"format": "pt"})
+    if failed is not None:
+        raise failed
     for i, tensors in mine.items():             # FSDP: all gathered first, then the ranks write at once
         save_file(tensors, os.path.join(tmp, names[i]), {"format": "pt"})
+        sync_to_disk(os.path.join(tmp, names[i]))   # by its writer: rank 0's fsync may not flush another node's
     if rank == 0 and len(shards) > 1:
         weight_map = {key: names[i] for i, keys in enumerate(shards) for key in keys}
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -715,16 +745,22 @@ def install_model_files(tmp, path):
     """Move a completely written model directory `tmp` to `path`. A new `path` is a single rename.
     An existing one (a run directory with checkpoints/ and metrics.jsonl) keeps everything that is
     not the model: its config.json goes first, so it stops claiming to hold a model, then its old
-    weights and tokenizer files, then the new files move in with config.json last. Either way a
+    weights and tokenizer files and whatever else the new files replace (a checkpoint saved again),
+    then the new files move in with config.json last. Either way a
     directory with a config.json always has complete weights."""
     if not os.path.isdir(path):
         rename_durably(tmp, path)
         return
     sync_to_disk(tmp)
+    new = set(os.listdir(tmp))
     old = [n for n in os.listdir(path) if n == "config.json" or n.endswith(".safetensors")
-           or n == "model.safetensors.index.json" or n in TOKENIZER_FILES]
+           or n == "model.safetensors.index.json" or n in TOKENIZER_FILES or n in new]
     for name in sorted(old, key=lambda n: n != "config.json"):
-        os.remove(os.path.join(path, name))
+        old_path = os.path.join(path, name)
+        if os.path.isdir(old_path) and not os.path.islink(old_path):
+            shutil.rmtree(old_path)             # (a checkpoint saved again: its optimizer/)
+        else:
+            os.remove(old_path)
     for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
         os.replace(os.path.join(tmp, name), os.path.join(path, name))
     os.rmdir(tmp)

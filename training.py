@@ -107,11 +107,15 @@ def load_optimizer_state(model, optimizer, ckpt_dir):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     path = os.path.join(ckpt_dir, "optimizer")
     if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise FileNotFoundError(f"--resume: {ckpt_dir} has no optimizer state ({path}/.metadata)")
+        raise FileNotFoundError(f"--resume: {ckpt_dir} has no optimizer state ({path}/.metadata"
+                                + ("; written by an older nanoadapt, which kept it in trainer_state.pt)"
+                                   if os.path.isfile(os.path.join(ckpt_dir, "trainer_state.pt")) else ")"))
     model = unwrap(model)
-    state = get_optimizer_state_dict(model, optimizer)     # this run's layout; dcp.load fills it in place
+    state = get_optimizer_state_dict(model, optimizer)     # this run's layout, filled in place below
+    # Only the per-parameter tensors (moments, step) are read: the hyperparameters are this run's own,
+    # and a torch release that adds an AdamW option (2.7: decoupled_weight_decay) still reads old ones.
     with one_process_is_intended():
-        dcp.load({"optimizer": state}, checkpoint_id=path, no_dist=not is_sharded(model))
+        dcp.load({"optimizer": {"state": state["state"]}}, checkpoint_id=path, no_dist=not is_sharded(model))
     set_optimizer_state_dict(model, optimizer, state)
 
 

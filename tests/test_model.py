@@ -284,7 +284,9 @@ def test_padding_rows_are_suppressed_for_transformers_generate(tmp_path):
 def test_checkpoints_are_complete_or_ignored(tmp_path):
     """save_checkpoint writes the trainer state and the optimizer state with the weights and removes what a
     killed save left; latest_checkpoint takes only directories with both trainer_state.pt and config.json
-    (written last); load_optimizer_state gives a fresh optimizer the saved state back."""
+    (written last); load_optimizer_state gives a fresh optimizer the saved moments and steps back (its
+    hyperparameters stay its own, so an option a newer torch adds does not stop a resume); a step saved
+    again replaces the first save."""
     from model import adamw, latest_checkpoint, load_optimizer_state, load_trainer_state, save_checkpoint
     make_hf_model("llama", tmp_path / "hf")
     model = Transformer.from_pretrained(tmp_path / "hf")
@@ -300,12 +302,22 @@ def test_checkpoints_are_complete_or_ignored(tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ["step_000002"]
     loaded = load_trainer_state(str(run / "checkpoints" / "step_000002"))
     assert loaded["step"] == 2 and torch.equal(loaded["data"]["position"], torch.arange(5))
-    fresh = adamw(model, 5e-1, (0.5, 0.5))
+    fresh = adamw(model, 5e-1, (0.5, 0.5), weight_decay=0.1)
+    for group in fresh.param_groups:
+        group["an_option_of_a_newer_torch"] = True
     load_optimizer_state(model, fresh, str(run / "checkpoints" / "step_000002"))
-    assert fresh.param_groups[0]["lr"] == 1e-3 and fresh.param_groups[0]["weight_decay"] == 0.1
+    assert fresh.param_groups[0]["lr"] == 5e-1 and fresh.param_groups[0]["betas"] == (0.5, 0.5)
     for p in model.parameters():
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(fresh.state[p][key], optimizer.state[p][key]), key
+    model(torch.tensor([[1, 5, 6, 7]])).square().mean().backward()        # a third step, saved as step 2 again
+    optimizer.step()
+    save_checkpoint(str(run), 2, model, optimizer, {**state, "data": {"position": torch.arange(3)}})
+    load_optimizer_state(model, fresh, str(run / "checkpoints" / "step_000002"))
+    p = next(model.parameters())
+    assert torch.equal(fresh.state[p]["exp_avg"], optimizer.state[p]["exp_avg"]) and fresh.state[p]["step"] == 3
+    loaded = load_trainer_state(str(run / "checkpoints" / "step_000002"))
+    assert torch.equal(loaded["data"]["position"], torch.arange(3))
     os.makedirs(run / "checkpoints" / "step_000003")          # killed mid-replace: no config.json
     (run / "checkpoints" / "step_000003" / "trainer_state.pt").write_bytes(
         (run / "checkpoints" / "step_000002" / "trainer_state.pt").read_bytes())
@@ -453,6 +465,21 @@ def main(source, out):
     except Exception as e:
         print(f"raised on rank {rank}: {type(e).__name__}: {e}", flush=True)
 
+    from torch.distributed.tensor import DTensor       # rank 1 runs out of host memory mid-gather
+    gather, gathered = DTensor.full_tensor, []
+    class NoHostMemory:
+        def detach(self):
+            raise MemoryError("no host memory")
+    def full_tensor(self, *args, **kwargs):
+        t = gather(self, *args, **kwargs)
+        gathered.append(1)
+        return NoHostMemory() if rank == 1 and len(gathered) > 2 else t
+    DTensor.full_tensor = full_tensor
+    try:
+        model.save_pretrained(out + "/oom", max_shard_size="30KB")
+    except Exception as e:
+        print(f"raised on rank {rank}: {type(e).__name__}: {e}", flush=True)
+
 main(*sys.argv[1:])
 close_distributed()
 """
@@ -461,7 +488,8 @@ close_distributed()
 def test_fsdp_ranks_write_their_share_and_fail_together(tmp_path):
     """Under FSDP (2 ranks) save_pretrained gathers the sharded weights and the ranks write its files
     between them: the result holds exactly the source's tensors, with an index, and transformers loads it.
-    When one rank fails, every rank raises, saying which, and nothing is left: no model, no temporary."""
+    When one rank fails, after the weights or in the middle of gathering them, every rank raises, saying
+    which, and nothing is left: no model, no temporary directory."""
     import transformers
     from launch import run_script
     make_hf_model("qwen3_tied", tmp_path / "hf")
@@ -477,4 +505,6 @@ def test_fsdp_ranks_write_their_share_and_fail_together(tmp_path):
     assert torch.equal(hf.model.layers[1].mlp.down_proj.weight, source["model.layers.1.mlp.down_proj.weight"])
     assert "raised on rank 1: OSError: disk full" in r.stdout
     assert "raised on rank 0: RuntimeError: writing" in r.stdout and "failed on another rank: rank 1: OSError: disk full" in r.stdout
+    assert "raised on rank 1: MemoryError: no host memory" in r.stdout
+    assert "failed on another rank: rank 1: MemoryError: no host memory" in r.stdout
     assert sorted(os.listdir(tmp_path / "out")) == ["ok"]
