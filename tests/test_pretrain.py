@@ -389,7 +389,8 @@ def test_fsdp_maps_a_bf16_checkpoint_and_casts_it_layer_by_layer(corpus, tok_dir
 def test_cpu_offload_trains_like_fsdp_on_the_gpu(corpus, base, tmp_path):
     """--fsdp --cpu-offload under torchrun on one GPU: weights, gradients and AdamW state in pinned CPU
     memory, the optimizer step on the CPU, gradient clipping all-reduced there (gloo beside NCCL). The
-    same losses as plain FSDP, to bf16 rounding."""
+    same losses as plain FSDP, to bf16 rounding. Its step-2 checkpoint (weights gathered from pinned CPU
+    shards, the optimizer state written by torch.distributed.checkpoint) resumes to the same step 3."""
     common = ["--model", str(base), "--data", str(corpus / "ru.txt"), "--batch-size", "2", "--grad-accum", "1",
               "--max-steps", "3", "--eval-every", "0", "--save-every", "2"]
     runs = {}
@@ -404,6 +405,14 @@ def test_cpu_offload_trains_like_fsdp_on_the_gpu(corpus, base, tmp_path):
     w1, w2 = (Transformer.from_pretrained(str(tmp_path / name)).state_dict() for name in ("fsdp", "offload"))
     for k, v in w1.items():                            # the optimizer step on the CPU moved the weights alike
         assert (w2[k] - v).norm() <= 1e-2 * v.norm(), k
+    offload, cut = ["--fsdp", "--cpu-offload"], tmp_path / "cut"
+    killed = run_subprocess([*common, *offload, *common_args(cut, tmp_path / "cache")], {"NANOADAPT_KILL_AT_STEP": "3"},
+                            torchrun=1)
+    assert killed.returncode != 0 and not (cut / "config.json").exists()
+    r = run_subprocess([*common, *offload, *common_args(cut, tmp_path / "cache"), "--resume"], torchrun=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for key in ("loss", "grad_norm"):
+        assert train_steps(cut)[3][key] == pytest.approx(runs["offload"][3][key], rel=1e-4), key
 
 
 def test_random_init_in_bf16_keeps_rope_in_fp32(tmp_path):
