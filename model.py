@@ -533,11 +533,23 @@ def temp_dir_beside(path):
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
+    setgid = os.stat(parent).st_mode & 0o2000           # a group-shared parent passes its group on, as for mkdir
+    os.chmod(tmp, (0o777 & ~current_umask()) | setgid)
+    return tmp
+
+
+def current_umask():
     umask = os.umask(0)
     os.umask(umask)
-    setgid = os.stat(parent).st_mode & 0o2000           # a group-shared parent passes its group on, as for mkdir
-    os.chmod(tmp, (0o777 & ~umask) | setgid)
-    return tmp
+    return umask
+
+
+def save_tensors(tensors, path):
+    """safetensors' save_file, with the permissions a plain open() gives: safetensors 0.8 makes its files
+    private (0600), and models are read by other jobs and users."""
+    from safetensors.torch import save_file
+    save_file(tensors, path, {"format": "pt"})
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def atomic_directory(path):
@@ -565,7 +577,7 @@ def write_model_directory(path, steps, all_ranks=False):
         failed = None
         try:
             step()
-        except Exception as e:                  # told to the other ranks; they raise too
+        except BaseException as e:              # told to the other ranks (they raise too), then raised here
             failed = e
         report = f"rank {rank}: {type(failed).__name__}: {failed}" if failed else None
         reports = [report]
@@ -640,12 +652,12 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
 
 def write_safetensors(model, tmp, max_shard_size):
     """The weights as safetensors files in tmp, split in state-dict order, with an index when there is
-    more than one file. Not sharded: this process writes them all, each file at most max_shard_size
-    (greedily). FSDP: every rank takes part in gathering each tensor in turn (a collective); the tensors
-    are split into files of about equal size, at least one per rank (each tensor in the file its middle
-    byte falls in), and file i is kept and written by rank i % world."""
+    more than one file, each at most max_shard_size (or one tensor alone). Not sharded: this process
+    writes them all (split greedily). FSDP: every rank takes part in gathering each tensor in turn (a
+    collective); the tensors are split into files of about equal size, about one per rank (each tensor in
+    the file its middle byte falls in; fewer when one tensor outweighs the rest), and file i is kept and
+    written by rank i % world."""
     import torch.distributed as dist
-    from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
     sharded = is_sharded(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
@@ -656,13 +668,17 @@ def write_safetensors(model, tmp, max_shard_size):
     nbytes = {key: t.numel() * t.element_size() for key, t in state.items()}
     total, limit = sum(nbytes.values()), _parse_size(max_shard_size)
     if sharded:                                 # every rank writes at once, about the same amount
-        n, offset, shards = max(world, math.ceil(total / limit)), 0, []
-        for key in state:
-            i = min(n - 1, int((offset + nbytes[key] / 2) * n // max(total, 1)))
-            shards += [[] for _ in range(i + 1 - len(shards))]
-            shards[i].append(key)
-            offset += nbytes[key]
-        shards = [keys for keys in shards if keys]
+        def split_evenly(n):
+            files, offset = [[] for _ in range(n)], 0
+            for key in state:
+                files[min(n - 1, int((offset + nbytes[key] / 2) * n // max(total, 1)))].append(key)
+                offset += nbytes[key]
+            return [keys for keys in files if keys]
+        n = max(world, math.ceil(total / limit))
+        shards = split_evenly(n)
+        while any(len(keys) > 1 and sum(nbytes[k] for k in keys) > limit for keys in shards):
+            n += 1                              # (a file over the limit: more, smaller files)
+            shards = split_evenly(n)
     else:
         shards, size = [[]], 0
         for key in state:
@@ -684,11 +700,11 @@ def write_safetensors(model, tmp, max_shard_size):
                     failed, mine = e, {}
             del t
         if not sharded and i in mine:           # one writer: one file in host memory at a time
-            save_file(mine.pop(i), os.path.join(tmp, names[i]), {"format": "pt"})
+            save_tensors(mine.pop(i), os.path.join(tmp, names[i]))
     if failed is not None:
         raise failed
     for i, tensors in mine.items():             # FSDP: all gathered first, then the ranks write at once
-        save_file(tensors, os.path.join(tmp, names[i]), {"format": "pt"})
+        save_tensors(tensors, os.path.join(tmp, names[i]))
         sync_to_disk(os.path.join(tmp, names[i]))   # by its writer: rank 0's fsync may not flush another node's
     if rank == 0 and len(shards) > 1:
         weight_map = {key: names[i] for i, keys in enumerate(shards) for key in keys}
@@ -924,7 +940,6 @@ def merged_state_dict(model) -> dict:
 def save_lora_adapter(model, path, base_model=None):
     """adapter_model.safetensors + adapter_config.json (PEFT's file names, keys and config fields),
     written atomically."""
-    from safetensors.torch import save_file
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if not layers:
         raise ValueError("save_lora_adapter: the model has no LoRA layers")
@@ -935,8 +950,8 @@ def save_lora_adapter(model, path, base_model=None):
               "fan_in_fan_out": False, "inference_mode": True}
     tmp, commit = atomic_directory(path)
     try:
-        save_file({k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()},
-                  os.path.join(tmp, "adapter_model.safetensors"), {"format": "pt"})
+        save_tensors({k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()},
+                     os.path.join(tmp, "adapter_model.safetensors"))
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
         commit()

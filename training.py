@@ -111,9 +111,17 @@ def load_optimizer_state(model, optimizer, ckpt_dir):
                                 + ("; written by an older nanoadapt, which kept it in trainer_state.pt)"
                                    if os.path.isfile(os.path.join(ckpt_dir, "trainer_state.pt")) else ")"))
     model = unwrap(model)
+    optimizer.zero_grad(set_to_none=True)   # (with gradients present, the next call leaves a fresh state empty)
     state = get_optimizer_state_dict(model, optimizer)     # this run's layout, filled in place below
     # Only the per-parameter tensors (moments, step) are read: the hyperparameters are this run's own,
     # and a torch release that adds an AdamW option (2.7: decoupled_weight_decay) still reads old ones.
+    # dcp.load refuses a tensor the checkpoint lacks; one only the checkpoint has is refused here.
+    wanted = {f"optimizer.state.{name}.{key}" for name, tensors in state["state"].items() for key in tensors}
+    stored = {k for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+              if k.startswith("optimizer.state.")}
+    if stored - wanted:
+        raise ValueError(f"--resume: {path} holds optimizer state for weights this run does not train: "
+                         f"{sorted(stored - wanted)[:3]}")
     with one_process_is_intended():
         dcp.load({"optimizer": {"state": state["state"]}}, checkpoint_id=path, no_dist=not is_sharded(model))
     set_optimizer_state_dict(model, optimizer, state)

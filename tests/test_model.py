@@ -318,6 +318,9 @@ def test_checkpoints_are_complete_or_ignored(tmp_path):
     assert torch.equal(fresh.state[p]["exp_avg"], optimizer.state[p]["exp_avg"]) and fresh.state[p]["step"] == 3
     loaded = load_trainer_state(str(run / "checkpoints" / "step_000002"))
     assert torch.equal(loaded["data"]["position"], torch.arange(3))
+    model.model.norm.weight.requires_grad_(False)              # a run that trains less than the checkpoint had
+    with pytest.raises(ValueError, match=r"optimizer state for weights this run does not train: .*model\.norm"):
+        load_optimizer_state(model, adamw(model, 1e-3, (0.9, 0.95)), str(run / "checkpoints" / "step_000002"))
     os.makedirs(run / "checkpoints" / "step_000003")          # killed mid-replace: no config.json
     (run / "checkpoints" / "step_000003" / "trainer_state.pt").write_bytes(
         (run / "checkpoints" / "step_000002" / "trainer_state.pt").read_bytes())
@@ -343,14 +346,18 @@ def test_generate_runs_one_forward_per_new_token_and_top_k_0_is_off(tmp_path):
 
 
 def test_saved_directories_are_readable_by_others(tmp_path):
-    """mkdtemp makes private (0700) directories; a saved model gets what a plain mkdir would give."""
+    """mkdtemp makes private (0700) directories, and safetensors private (0600) files; a saved model gets
+    what a plain mkdir and open would give."""
     make_hf_model("llama", tmp_path / "hf")
     umask = os.umask(0o022)                                 # (under a private umask the check would be moot)
     try:
-        Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "out")
+        Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "out", max_shard_size="100KB")
     finally:
         os.umask(umask)
     assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
+    files = os.listdir(tmp_path / "out")
+    assert len([n for n in files if n.endswith(".safetensors")]) >= 2
+    assert {n: os.stat(tmp_path / "out" / n).st_mode & 0o777 for n in files} == {n: 0o644 for n in files}
     (tmp_path / "group").mkdir()
     os.chmod(tmp_path / "group", 0o2775)                    # a group-shared directory: mkdir inherits setgid
     Transformer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "group" / "out")
@@ -449,14 +456,18 @@ def test_parallelize_applies_compile_and_activation_checkpointing(tmp_path):
 
 
 FSDP_SAVE_SCRIPT = """
-import sys, torch
+import os, sys, torch
 from model import Transformer, close_distributed, init_distributed, load_placement, parallelize
 
 def main(source, out):
     rank, _, _, cpu = init_distributed()
     model = Transformer.from_pretrained(source, **load_placement(cpu, torch.float32, fsdp=True))
     model = parallelize(model, cpu, dtype=torch.float32, fsdp=True)
+    fsync, synced = os.fsync, []
+    os.fsync = lambda fd: synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd)
     model.save_pretrained(out + "/ok", max_shard_size="30KB")
+    os.fsync = fsync
+    print(f"rank {rank} fsynced {sorted(n for n in set(synced) if n.endswith('.safetensors'))}", flush=True)
     def disk_full_on_rank_1(tmp):
         if rank == 1:
             raise OSError("disk full")
@@ -501,6 +512,10 @@ def test_fsdp_ranks_write_their_share_and_fail_together(tmp_path):
     saved = Transformer.from_pretrained(tmp_path / "out" / "ok").state_dict()
     assert set(saved) == set(source) and all(torch.equal(saved[k], source[k]) for k in source)
     assert "lm_head.weight" not in index["weight_map"]                  # tied: stored once
+    files = sorted(set(index["weight_map"].values()))
+    in_file = {f: [source[k].numel() * 4 for k, g in index["weight_map"].items() if g == f] for f in files}
+    assert all(len(sizes) == 1 or sum(sizes) <= 30_000 for sizes in in_file.values())   # max_shard_size holds
+    assert f"rank 1 fsynced {files[1::2]}" in r.stdout                  # each writer fsyncs its own files
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "ok", dtype=torch.float32)
     assert torch.equal(hf.model.layers[1].mlp.down_proj.weight, source["model.layers.1.mlp.down_proj.weight"])
     assert "raised on rank 1: OSError: disk full" in r.stdout
