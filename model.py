@@ -11,10 +11,11 @@ LoRA. Sections, in order:
   5. generation    -- KV cache, greedy / temperature / top-k / top-p, batched prompts
   6. LoRA          -- low-rank adapters on chosen linear layers, merged for saving, PEFT-style files
 
-Two parts live in modules of their own and are re-exported here, so every script imports from model:
-tokenizers and chat templates (rendering with the assistant-only loss mask) in tokenizer.py, and the
+Three parts live in modules of their own and are re-exported here, so every script imports from model:
+tokenizers and chat templates (rendering with the assistant-only loss mask) in tokenizer.py, the
 helpers every training script needs (distributed init, LR schedule, checkpoints, MFU, DDP / FSDP2,
-the chunked loss head) in training.py.
+the chunked loss head) in training.py, and crash-safe writing (temporary name, fsync, rename) in
+atomic_files.py.
 
 References: Mistral 7B (Jiang et al. 2023), Qwen2/Qwen3 technical reports, Llama 3 (Dubey et al. 2024)
 for the llama3 RoPE scaling; the HF `transformers` implementations define the numerics we match.
@@ -23,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -33,9 +33,12 @@ import torch.nn.functional as F
 
 # Tokenizers and chat templates live in tokenizer.py; re-exported here so every script imports from model.
 from tokenizer import (CHAT_ROLES, CHAT_SPECIAL_TOKENS, CHAT_TEMPLATES, TOKENIZER_FILES,  # noqa: F401
-                       chat_prompt, check_messages, choose_chat_template, fsync_dir, jsonl_records, jsonl_texts,
-                       load_tokenizer, pack_greedy, read_conversations, rename_durably, render_chat,
-                       render_conversations, replace_dir, sync_to_disk, write_chat_tokenizer)
+                       chat_prompt, check_messages, choose_chat_template, jsonl_records, jsonl_texts,
+                       load_tokenizer, pack_greedy, read_conversations, render_chat, render_conversations,
+                       write_chat_tokenizer)
+# Crash-safe writes (temporary name, fsync, rename) live in atomic_files.py; re-exported here too.
+from atomic_files import (atomic_directory, current_umask, fsync_dir, rename_durably,  # noqa: F401
+                          replace_dir, sync_to_disk, temp_dir_beside, write_json_atomic)
 # The training scripts' shared helpers live in training.py; re-exported here too.
 from training import (GPU_PEAK_BF16_FLOPS, adamw, add_scale_arguments, cast_weights,  # noqa: F401
                       check_scale_arguments, checkpointed_chunks, close_distributed,
@@ -526,37 +529,12 @@ def _parse_size(size) -> int:
     return int(s)
 
 
-def temp_dir_beside(path):
-    """A new, empty, hidden directory next to `path` (same filesystem: a rename moves it into place), with
-    the permissions a plain mkdir gives. mkdtemp's own are private (0700), and models, checkpoints, token
-    caches and top-k stores are read by other jobs and users on a shared filesystem."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
-    setgid = os.stat(parent).st_mode & 0o2000           # a group-shared parent passes its group on, as for mkdir
-    os.chmod(tmp, (0o777 & ~current_umask()) | setgid)
-    return tmp
-
-
-def current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def save_tensors(tensors, path):
     """safetensors' save_file, with the permissions a plain open() gives: safetensors 0.8 makes its files
     private (0600), and models are read by other jobs and users."""
     from safetensors.torch import save_file
     save_file(tensors, path, {"format": "pt"})
     os.chmod(path, 0o666 & ~current_umask())
-
-
-def atomic_directory(path):
-    """A temporary directory next to `path`, and `commit()`, which replaces `path` with it in one rename
-    once everything written into it is on disk (tokenizer.replace_dir)."""
-    tmp = temp_dir_beside(path)
-    return tmp, lambda: replace_dir(tmp, path)
 
 
 def write_model_directory(path, steps, all_ranks=False):
@@ -738,14 +716,6 @@ def write_config_files(model, tmp, tokenizer_dir=None, generation_config=None):
         json.dump(gen, f, indent=2)
     for name in tok_files:
         shutil.copy2(os.path.join(tok_src, name), os.path.join(tmp, name))
-
-
-def write_json_atomic(path, obj):
-    """obj as JSON at path, written to a temporary name and renamed: a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    rename_durably(tmp, path)
 
 
 def read_generation_config(model_dir):

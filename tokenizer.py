@@ -43,6 +43,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from atomic_files import replace_dir
+
 # files that make up a tokenizer; model.save_pretrained copies those present next to the weights
 TOKENIZER_FILES = (
     "tokenizer.model",          # SentencePiece model
@@ -537,58 +539,6 @@ def write_hf_tokenizer_files(sp_model, out_dir, roles=None, chat_template=None, 
         with open(out_dir / name, "w", encoding="utf-8") as f:
             json.dump(obj, f, ensure_ascii=False, indent=2 if name != "tokenizer.json" else None)
             f.write("\n")
-
-
-def sync_to_disk(path):
-    """fsync a file, or every file and directory under a directory and the directory itself. A rename
-    that publishes a finished file or directory must come after this: the kernel may write renames to
-    disk before data, so a node crash or power loss could leave the new name on empty files, and the
-    previous checkpoint, already deleted, would be lost too. Directories that cannot be fsynced (some
-    network filesystems) are skipped."""
-    if not os.path.isdir(path):
-        _fsync(path)
-        return
-    for root, _, files in os.walk(path, topdown=False):   # contents before the directory holding them
-        for name in files:
-            _fsync(os.path.join(root, name))
-        fsync_dir(root)
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path):
-    """fsync a directory: makes the renames and new names in it durable (skipped where not supported)."""
-    try:
-        _fsync(path)
-    except OSError:
-        pass
-
-
-def replace_dir(tmp_dir, out_dir):
-    """Move a fully written tmp_dir to out_dir, durably: its contents reach the disk first, then the
-    rename (and the parent directory that records it). An existing out_dir is replaced only then."""
-    tmp_dir, out_dir = Path(tmp_dir), Path(out_dir)
-    sync_to_disk(tmp_dir)
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.rename(out_dir, old)
-    os.rename(tmp_dir, out_dir)
-    fsync_dir(out_dir.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def rename_durably(src, dst):
-    """os.replace(src, dst) for a finished file or directory, with its data on disk before the new name."""
-    sync_to_disk(src)
-    os.replace(src, dst)
-    fsync_dir(os.path.dirname(os.path.abspath(dst)))
 
 
 # ------------------------------------------------------------------------------------------------

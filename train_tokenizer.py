@@ -32,7 +32,8 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
-from tokenizer import jsonl_texts, load_tokenizer, replace_dir, write_hf_tokenizer_files
+from atomic_files import replace_dir
+from tokenizer import jsonl_texts, load_tokenizer, write_hf_tokenizer_files
 
 TABLE1_SENTENCE = "Машинное обучение изменяет мир"  # Vikhr Table 1
 
