@@ -465,7 +465,8 @@ def test_fsdp_sharded_checkpoint_resumes(corpus, base, tmp_path):
     """Under FSDP2 each rank writes its part of a checkpoint: a safetensors file of the weights it gathered,
     and its shard of the optimizer state (torch.distributed.checkpoint). Killed after it and resumed, again
     sharded over 2 ranks, the run continues exactly as the uninterrupted one; resumed in one process without
-    FSDP (the same global batch: the state is resharded), it continues as that run to rounding."""
+    FSDP, or on 2 DDP ranks (the same global batch: the state is resharded, or read whole by each rank),
+    it continues as that run to rounding."""
     common = ["--model", str(base), "--data", str(corpus / "ru.txt"), "--batch-size", "1",
               "--max-steps", "4", "--eval-every", "0", "--save-every", "2"]
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -480,6 +481,7 @@ def test_fsdp_sharded_checkpoint_resumes(corpus, base, tmp_path):
     weight_map = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(weight_map.values())) >= 2 and set(weight_map) == set(Transformer.from_pretrained(str(base)).state_dict())
     shutil.copytree(cut, tmp_path / "cut_one")
+    shutil.copytree(cut, tmp_path / "cut_ddp")
     r = run_subprocess([*common, "--grad-accum", "1", "--fsdp", *common_args(cut, tmp_path / "cache"), "--resume"],
                        torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -487,16 +489,20 @@ def test_fsdp_sharded_checkpoint_resumes(corpus, base, tmp_path):
     assert [m["step"] for m in a] == [m["step"] for m in b]
     assert_same_run(a, b, full, cut)
 
-    one = tmp_path / "cut_one"
+    one, ddp = tmp_path / "cut_one", tmp_path / "cut_ddp"
     pretrain.main([*common, "--grad-accum", "2", *common_args(one, tmp_path / "cache"), "--resume"])
-    assert [m["step"] for m in metrics(one)] == [m["step"] for m in a]
-    for x, y in zip(a, metrics(one)):
-        for key in x:
-            if key not in ("tokens_per_s", "mfu", "step"):
-                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
-    w_full, w_one = Transformer.from_pretrained(str(full)).state_dict(), Transformer.from_pretrained(str(one)).state_dict()
-    for k in w_full:
-        torch.testing.assert_close(w_one[k], w_full[k], rtol=1e-4, atol=1e-6, msg=k)
+    r = run_subprocess([*common, "--grad-accum", "1", *common_args(ddp, tmp_path / "cache"), "--resume"], torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w_full = Transformer.from_pretrained(str(full)).state_dict()
+    for other in (one, ddp):
+        assert [m["step"] for m in metrics(other)] == [m["step"] for m in a]
+        for x, y in zip(a, metrics(other)):
+            for key in x:
+                if key not in ("tokens_per_s", "mfu", "step"):
+                    assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (other.name, x["step"], key)
+        w = Transformer.from_pretrained(str(other)).state_dict()
+        for k in w_full:
+            torch.testing.assert_close(w[k], w_full[k], rtol=1e-4, atol=1e-6, msg=f"{other.name} {k}")
 
 
 # ------------------------------------------------------------------------------------------------
