@@ -687,7 +687,7 @@ def write_safetensors(model, tmp, max_shard_size):
     if rank == 0 and len(shards) > 1:
         weight_map = {key: names[i] for i, keys in enumerate(shards) for key in keys}
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def write_config_files(model, tmp, tokenizer_dir=None, generation_config=None):

@@ -75,6 +75,7 @@ def save_checkpoint(run_dir, step, model, optimizer, trainer_state, tokenizer_di
     FSDP. Written atomically; checkpoints beyond the newest `keep` are removed. Every rank calls it: rank 0
     writes, except under FSDP, where all do (model.save_pretrained). Also removes what a killed save left
     behind (.step_*.tmp-* directories: tens of GB at 7B)."""
+    import torch.distributed as dist
     raw = unwrap(model)
     ckpt_root = os.path.join(run_dir, "checkpoints")
     raw.save_pretrained(os.path.join(ckpt_root, f"step_{step:06d}"), tokenizer_dir=tokenizer_dir,
@@ -85,7 +86,6 @@ def save_checkpoint(run_dir, step, model, optimizer, trainer_state, tokenizer_di
         for d in os.listdir(ckpt_root):
             if d.startswith(".step_") or (d.startswith("step_") and d not in (complete[-keep:] if keep else complete)):
                 shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()                          # the ranks go on together, with the checkpoint complete
 
