@@ -1,7 +1,7 @@
 """Writing files and directories so that a crash never leaves half of one behind, and so that others can
 read them: write under a temporary name next to the final one, fsync, then rename. Models, checkpoints,
 token caches, top-k stores, tokenizers and JSON records are all written this way (the lowest module:
-it imports only the standard library)."""
+it imports only the standard library, and safetensors where it writes a tensor file)."""
 import json
 import os
 import shutil
@@ -92,3 +92,11 @@ def write_json_atomic(path, obj):
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
     rename_durably(tmp, path)
+
+
+def save_tensors(tensors, path):
+    """safetensors' save_file, with the permissions a plain open() gives: safetensors 0.8 makes its files
+    private (0600), and models are read by other jobs and users."""
+    from safetensors.torch import save_file
+    save_file(tensors, path, {"format": "pt"})
+    os.chmod(path, 0o666 & ~current_umask())

@@ -14,6 +14,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from lora import load_lora_state_dict
+
 
 def init_distributed():
     """Works under plain `python` and `torchrun`. Returns (rank, local_rank, world_size, device)."""
@@ -147,7 +149,6 @@ def resume_training(ckpt_dir, model, optimizer, lora=False, data_plan=None):
             raise ValueError(f"--resume: '{key}' was {state['data_plan'][key]!r} in {ckpt_dir}, now {value!r}; "
                              f"step {state['step']} would not mean the same rows")
     if lora:
-        from model import load_lora_state_dict          # (model.py imports this module: import when used)
         load_lora_state_dict(unwrap(model), state["lora"], ckpt_dir)
     load_optimizer_state(model, optimizer, ckpt_dir)
     print0(f"resumed from {ckpt_dir} at step {state['step']}")

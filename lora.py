@@ -1,0 +1,120 @@
+"""LoRA (Hu et al. 2021): low-rank adapters on chosen linear layers of a model, merged into the base
+weights for saving, and PEFT-style adapter files. Used by sft.py and distill.py (--lora-rank); model.py
+re-exports it and saves a model with adapters merged."""
+import json
+import math
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from atomic_files import atomic_directory, save_tensors
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (LoRA, Hu et al. 2021):
+
+        y = x W^T + b + (alpha / r) * B A x,    A (r, in), B (out, r)
+
+    The wrapped layer's own `weight` and `bias` Parameters stay under the same names, so the base
+    keys of the state dict never change; the adapter lives in `lora_A` / `lora_B` (PEFT's names).
+    B starts at zero, so until the first update the model computes exactly what the base did.
+    The adapter is kept in fp32 whatever the base dtype: it is small, and Adam wants fp32 state.
+    """
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))    # as nn.Linear (and PEFT) do
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
+        return y + (self.scale * update).to(y.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha / r) B A, computed in fp32 and returned in W's dtype."""
+        delta = self.lora_B.weight @ self.lora_A.weight                 # (out, r) @ (r, in) -> (out, in)
+        return (self.weight.float() + self.scale * delta).to(self.weight.dtype)
+
+
+def add_lora(model, targets, rank, alpha, dropout=0.0) -> list:
+    """Freeze every parameter, then wrap each nn.Linear whose attribute name is in `targets`
+    (e.g. ["q_proj", "v_proj"]) in a LoRALinear. Returns the wrapped modules' names."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                if child.weight is model.model.embed_tokens.weight:
+                    raise ValueError(f"LoRA target '{name}' is tied to the embeddings; merging would untie them")
+                setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
+                wrapped.append(f"{parent_name}.{name}" if parent_name else name)
+    found = {w.rsplit(".", 1)[-1] for w in wrapped}
+    if set(targets) - found:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"LoRA targets {sorted(set(targets) - found)} match no linear layer; "
+                         f"this model has: {', '.join(linears)}")
+    return wrapped
+
+
+def lora_state_dict(model) -> dict:
+    """The adapter alone, under PEFT's key names (base_model.model.<module>.lora_A.weight)."""
+    return {f"base_model.model.{k}": v.detach() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def load_lora_state_dict(model, state, source="adapter"):
+    """Load an adapter saved by lora_state_dict into a model already wrapped by add_lora."""
+    own = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    if set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise ValueError(f"{source}: adapter does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
+    model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict:
+    """The model's weights with every LoRA update merged in, under the base model's keys: what
+    save_pretrained writes for a model with adapters, a plain HF checkpoint. Merged tensors are moved to the CPU as they are made
+    (one extra copy of each wrapped weight in host memory, not on the GPU); the model is untouched."""
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            state[f"{name}.weight"] = module.merged_weight().cpu()
+    return state
+
+
+def save_lora_adapter(model, path, base_model=None):
+    """adapter_model.safetensors + adapter_config.json (PEFT's file names, keys and config fields),
+    written atomically."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("save_lora_adapter: the model has no LoRA layers")
+    first = layers[0][1]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.dropout.p, "bias": "none",
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
+              "fan_in_fan_out": False, "inference_mode": True}
+    tmp, commit = atomic_directory(path)
+    try:
+        save_tensors({k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()},
+                     os.path.join(tmp, "adapter_model.safetensors"))
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
