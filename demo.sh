@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole nanoadapt pipeline, end to end, in miniature (≈10 minutes on 2 CPU cores).
+# The whole nanoadapt pipeline, end to end, in miniature (3-4 minutes on 2 CPU cores).
 #
 #   1. an "English-oriented" base: an English tokenizer and a tiny Mistral-style model pretrained
 #      from random init on English text (the stand-in for Mistral-7B)

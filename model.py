@@ -10,7 +10,8 @@ Sections, in order:
   4. load / save   -- safetensors (single or sharded), built on the meta device, atomic saves
   5. generation    -- KV cache, greedy / temperature / top-k / top-p, batched prompts
 
-Four parts live in modules of their own and are re-exported here, so every script imports from model:
+Four parts live in modules of their own and are re-exported here, so the training and evaluation
+scripts import from model alone:
 tokenizers and chat templates (rendering with the assistant-only loss mask) in tokenizer.py, the
 helpers every training script needs (distributed init, LR schedule, checkpoints, MFU, DDP / FSDP2,
 the chunked loss head) in training.py, LoRA adapters (merged for saving, PEFT-style files) in lora.py,
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Tokenizers and chat templates live in tokenizer.py; re-exported here so every script imports from model.
+# Tokenizers and chat templates live in tokenizer.py; re-exported here, as are the modules below.
 from tokenizer import (CHAT_ROLES, CHAT_SPECIAL_TOKENS, CHAT_TEMPLATES, TOKENIZER_FILES,  # noqa: F401
                        chat_prompt, check_messages, choose_chat_template, jsonl_records, jsonl_texts,
                        load_tokenizer, pack_greedy, read_conversations, render_chat, render_conversations,

@@ -5,7 +5,7 @@ Tokenizers and chat templates: how text becomes ids. Two parts:
   2. chat templates -- reading chat .jsonl, ChatML / Mistral rendering with the assistant-only loss
      mask, and the Jinja twin of each template that transformers' apply_chat_template runs
 
-(Split out of model.py, which re-exports these names, so the stage scripts import everything from model.)
+(Split out of model.py, which re-exports these names, so the training and evaluation scripts import them from model.)
 
 Tokenizer formats:
 

@@ -15,7 +15,7 @@ Writes --out/: tokenizer.model, tokenizer.json, tokenizer_config.json, special_t
 transformers' AutoTokenizer loads the directory and encodes exactly as sentencepiece), and
 train_tokenizer.json (the arguments and the efficiency table). The directory appears whole or not at all.
 
-    python train_tokenizer.py --input ../shared/data/ru/*.txt ../shared/data/en/*.txt:0.3 --out runs/tok40k \
+    python train_tokenizer.py --input ../shared/data/ru ../shared/data/en:0.3 --out runs/tok40k \
         --eval-text held_out_ru.txt --compare ../shared/data/base_tokenizers/llama2-32k-bpe.model
 """
 

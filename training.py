@@ -2,7 +2,7 @@
 the LR schedule, checkpoints and resuming, step logging, MFU, DDP / FSDP2 wrapping, the optimizer,
 the chunked loss head and the flags for scale.
 
-Split out of model.py, which re-exports these names, so the stage scripts import everything from model.
+Split out of model.py, which re-exports these names, so the training scripts import them from model.
 """
 import contextlib
 import json

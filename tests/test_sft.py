@@ -1,4 +1,4 @@
-"""sft.py and model.py's LoRA and chat-template sections: the loss mask by hand, rendering against
+"""sft.py, lora.py and tokenizer.py's chat templates: the loss mask by hand, rendering against
 transformers' apply_chat_template, LoRA (identity at step 0, merge, gradients, HF loading), packing,
 bad input, and an end-to-end run with a resume after a simulated kill."""
 import io
