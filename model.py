@@ -665,7 +665,11 @@ def write_safetensors(model, tmp, max_shard_size):
     mine, failed = {}, None                     # file index -> {name: full CPU tensor}, this rank's files
     for i, keys in enumerate(shards):
         for key in keys:
-            t = state[key].full_tensor() if isinstance(state[key], DTensor) else state[key]
+            t = state[key]
+            if isinstance(t, DTensor):
+                if t.device.type != t.device_mesh.device_type:
+                    t = t.to(t.device_mesh.device_type)     # --cpu-offload: CPU shards, gathered on the GPU
+                t = t.full_tensor()
             if i % world == rank and failed is None:
                 try:                            # (a failure here must not make this rank skip a gather)
                     mine.setdefault(i, {})[key] = t.detach().to("cpu").contiguous()
