@@ -681,14 +681,14 @@ def train(args):
             # sum over rows / global rows; × world because DDP averages the ranks' gradients
             (loss.sum() * world / n_rows).backward()
             sums += torch.stack([loss.sum(), ce.sum(), kd.sum(), w.sum()]).detach().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        grad_norm = nano.clip_gradients(trainable, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if dist.is_initialized():
             dist.all_reduce(sums)
         done, dt = step + 1, time.perf_counter() - t0
         loss, ce, kd, w = (sums / n_rows).tolist()
-        record = {"step": done, "loss": loss, "ce": ce, "kd": kd, "w": w, "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": done, "loss": loss, "ce": ce, "kd": kd, "w": w, "lr": lr, "grad_norm": grad_norm,
                   "rows": n_rows, "tokens_per_s": n_tokens / dt}
         if peak:
             record["mfu"] = flops_per_token * n_tokens / dt / (peak * world)

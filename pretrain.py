@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import (Config, Transformer, adamw, add_scale_arguments, cast_weights, check_scale_arguments,
-                   checkpointed_chunks, close_distributed, gpu_peak_flops, init_distributed,
+                   checkpointed_chunks, clip_gradients, close_distributed, gpu_peak_flops, init_distributed,
                    jsonl_texts, latest_checkpoint, load_optimizer_state, load_placement, load_tokenizer,
                    load_trainer_state, lr_at, metrics_logger, parallelize, rename_durably, save_checkpoint,
                    set_grad_sync, temp_dir_beside, write_json_atomic)
@@ -809,10 +809,9 @@ def train(args):
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss} (CE {ce_mean}, KL {kl_mean}); the weights were "
                                      f"not updated. Lower --lr, or resume from the last checkpoint in {args.out}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # DTensor under FSDP
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"step {step}: gradient norm is {grad_norm.item()}; the weights were not updated")
+        grad_norm = clip_gradients(trained, args.grad_clip)
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"step {step}: gradient norm is {grad_norm}; the weights were not updated")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_since += global_rows * T
@@ -823,9 +822,9 @@ def train(args):
             tok_s = tokens_since / train_time
             mfu = flops_per_token * tok_s / world / peak if peak else None
             record({"step": step, "loss": loss, "ce": ce_mean, "kl": kl_mean, "lr": lr,
-                    "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "mfu": mfu})
+                    "grad_norm": grad_norm, "tokens_per_s": tok_s, "mfu": mfu})
             log(f"step {step}/{max_steps} | loss {loss:.4f} | ce {ce_mean:.4f} | kl {kl_mean:.4f} | lr {lr:.2e} | "
-                f"grad norm {grad_norm.item():.3f} | {tok_s:,.0f} tok/s"
+                f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tok/s"
                 + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
             train_time, tokens_since = 0.0, 0
         if args.eval_every and step % args.eval_every == 0 and step != max_steps:

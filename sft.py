@@ -327,14 +327,14 @@ def train(args):
             # DDP averages gradients over ranks; times world makes the sum over ranks / global count
             (loss * world / max(n_sup, 1)).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        grad_norm = M.clip_gradients(trainable, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = all_reduce_sum([loss_sum.item()], device)[0] / max(n_sup, 1)
 
         done = step + 1
         dt = time.time() - t0
-        record = {"step": done, "epoch": epoch, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+        record = {"step": done, "epoch": epoch, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                   "supervised_tokens": int(n_sup), "tokens_per_s": n_tokens / dt}
         if peak:
             record["mfu"] = flops_per_token * n_tokens / dt / (peak * world)

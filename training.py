@@ -291,6 +291,12 @@ def adamw(model, lr, betas, weight_decay=0.0, eps=1e-8):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
 
 
+def clip_gradients(params, max_norm):
+    """Clip the gradients' global norm to max_norm (<= 0: no clipping); returns the norm before clipping, as a
+    float. Under FSDP2 clip_grad_norm_ returns a replicated DTensor, whose item() is the whole norm."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")).item()
+
+
 def checkpointed_chunks(fn, *args, chunk=1024):
     """fn over chunks of `chunk` rows of the (N, ...) tensor arguments (other arguments pass as they are),
     one result per chunk. With autograd on, each call is checkpointed: what fn builds inside, e.g. the
