@@ -88,8 +88,9 @@ def load_lora_state_dict(model, state, source="adapter"):
 @torch.no_grad()
 def merged_state_dict(model) -> dict:
     """The model's weights with every LoRA update merged in, under the base model's keys: what
-    save_pretrained writes for a model with adapters, a plain HF checkpoint. Merged tensors are moved to the CPU as they are made
-    (one extra copy of each wrapped weight in host memory, not on the GPU); the model is untouched."""
+    save_pretrained writes (for a model with adapters, a plain HF checkpoint; without, the state dict).
+    Merged tensors are moved to the CPU as they are made (one extra copy of each wrapped weight in host
+    memory, not on the GPU); the model is untouched."""
     state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):

@@ -611,7 +611,7 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
         return
 
     def model_files(tmp):
-        write_safetensors(model, tmp, max_shard_size)
+        write_safetensors(model, tmp, max_shard_size, sharded)
         if is_rank0():
             write_config_files(model, tmp, tokenizer_dir, generation_config)
             for name, content in (extra_files or {}).items():
@@ -623,7 +623,7 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
     write_model_directory(path, [model_files] + ([also] if also is not None else []), all_ranks=sharded)
 
 
-def write_safetensors(model, tmp, max_shard_size):
+def write_safetensors(model, tmp, max_shard_size, sharded):
     """The weights as safetensors files in tmp, split in state-dict order, with an index when there is
     more than one file, each at most max_shard_size (or one tensor alone). Not sharded: this process
     writes them all (split greedily). FSDP: every rank takes part in gathering each tensor in turn (a
@@ -632,10 +632,8 @@ def write_safetensors(model, tmp, max_shard_size):
     written by rank i % world."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
-    sharded = is_sharded(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    state = merged_state_dict(model) if any(isinstance(m, LoRALinear) for m in model.modules()) \
-        else model.state_dict()                    # (under FSDP: DTensors, each with its global shape)
+    state = merged_state_dict(model)    # (without adapters: the state dict; under FSDP DTensors, global shapes)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     nbytes = {key: t.numel() * t.element_size() for key, t in state.items()}
@@ -653,13 +651,8 @@ def write_safetensors(model, tmp, max_shard_size):
             n += 1                              # (a file over the limit: more, smaller files)
             shards = split_evenly(n)
     else:
-        shards, size = [[]], 0
-        for key in state:
-            if shards[-1] and size + nbytes[key] > limit:
-                shards.append([])
-                size = 0
-            shards[-1].append(key)
-            size += nbytes[key]
+        keys = list(state)
+        shards = [[keys[j] for j in file] for file in pack_greedy([nbytes[k] for k in keys], limit, range(len(keys)))]
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     mine, failed = {}, None                     # file index -> {name: full CPU tensor}, this rank's files
