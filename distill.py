@@ -163,7 +163,8 @@ def write_chunk(store_dir, index, arrays, counts):
     try:
         for name, array in arrays.items():
             np.save(os.path.join(tmp, f"{name}.npy"), array)
-        nano.write_json_atomic(os.path.join(tmp, "chunk.json"), counts)
+        with open(os.path.join(tmp, "chunk.json"), "w") as f:     # (the directory's rename publishes it)
+            json.dump(counts, f, indent=2)
         nano.rename_durably(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -356,8 +357,8 @@ def file_sha256(path):
 
 def weights_fingerprint(model_dir):
     """sha256 over each weights file's name, size, safetensors header and 64 KiB read at 16 evenly spaced
-    offsets: the same for a copy (cp, a node-local copy), different for a retrained teacher, whose every
-    tensor changes. (Hashing all 15 GB at every start would take minutes; file times change on a copy.)"""
+    offsets: the same for the same files whatever their times (a `cp` in place, a restore), different for a
+    retrained teacher, whose every tensor changes (the plan records the teacher's path beside it). (Hashing all 15 GB at every start would take minutes; file times change on a copy.)"""
     h = hashlib.sha256()
     for name in sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors")):
         path = os.path.join(model_dir, name)

@@ -685,7 +685,8 @@ def train(args):
     global_rows = world * A * B
 
     # -- model and reference -----------------------------------------------------------------------
-    raw = build_start_model(args, tok, **load_placement(device, param_dtype, args.fsdp))  # FSDP: CPU, mmap
+    placement = load_placement(device, param_dtype, args.fsdp)                   # FSDP: CPU, mmap, as stored
+    raw = build_start_model(args, tok, **placement)
     V = raw.config.vocab_size
     for _, files, _ in train_sources + eval_only:
         for tf in files:
@@ -699,7 +700,7 @@ def train(args):
     start_step, state = 0, None
     if ckpt:
         del raw                   # the reference has taken what it needs from the starting model
-        raw = Transformer.from_pretrained(ckpt, **load_placement(device, param_dtype, args.fsdp))
+        raw = Transformer.from_pretrained(ckpt, **placement)
         state = load_trainer_state(ckpt)
         start_step = state["step"]
     elif args.resume:
