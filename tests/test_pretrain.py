@@ -402,9 +402,11 @@ def test_cpu_offload_trains_like_fsdp_on_the_gpu(corpus, base, tmp_path):
     for step, a in runs["fsdp"].items():               # (step 1's loss precedes any update; its grad norm not)
         for key in ("loss", "grad_norm"):
             assert runs["offload"][step][key] == pytest.approx(a[key], rel=1e-2), (step, key)
+    w0 = Transformer.from_pretrained(str(base)).state_dict()
     w1, w2 = (Transformer.from_pretrained(str(tmp_path / name)).state_dict() for name in ("fsdp", "offload"))
     for k, v in w1.items():                            # the optimizer step on the CPU moved the weights alike
         assert (w2[k] - v).norm() <= 1e-2 * v.norm(), k
+        assert (w2[k] - v).norm() <= 0.1 * (v - w0[k]).norm(), k       # (against the update: norms start at 1)
     offload, cut = ["--fsdp", "--cpu-offload"], tmp_path / "cut"
     killed = run_subprocess([*common, *offload, *common_args(cut, tmp_path / "cache")], {"NANOADAPT_KILL_AT_STEP": "3"},
                             torchrun=1)
@@ -425,6 +427,7 @@ def test_random_init_in_bf16_keeps_rope_in_fp32(tmp_path):
     tok = types.SimpleNamespace(vocab_size=300, bos_id=1, eos_id=2)
     model = pretrain.build_start_model(args, tok, torch.device("cpu"), torch.bfloat16)
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.inv_freq.dtype == torch.float32
     assert torch.equal(model.inv_freq, rope_inverse_frequencies(model.config))
 
 
