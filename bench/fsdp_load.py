@@ -89,6 +89,14 @@ def save_gathered_on_rank0(model, optimizer, out):
     dist.barrier()
 
 
+def peaks_over_ranks(mem, world):
+    """[each rank's peak] from a PeakMemory, on every rank."""
+    import torch.distributed as dist
+    peaks = [None] * world
+    dist.all_gather_object(peaks, mem.peak)
+    return peaks
+
+
 def reset_heap():
     gc.collect()
     try:
@@ -126,19 +134,16 @@ def main():
             cast_weights(model, torch.bfloat16).save_pretrained(path)
             del model
         dist.barrier()
-    rows = []
+    rows, model = [], None
     for how in ("baseline", "nanoadapt"):
+        del model                                   # (the baseline's shards go before the second load)
         reset_heap()
         with PeakMemory() as mem:
             model = load_and_shard(path, device, how)
             dist.barrier()
-        shards = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters()) / 2**30
-        n_params = sum(p.numel() for p in model.parameters())
-        peaks = [None] * world
-        dist.all_gather_object(peaks, mem.peak)
-        rows.append((how, max(peaks), shards))
-        if how == "baseline":
-            del model
+        shards = sum(p.to_local().nbytes for p in model.parameters()) / 2**30
+        rows.append((how, max(peaks_over_ranks(mem, world)), shards))
+    n_params = sum(p.numel() for p in model.parameters())      # (the nanoadapt-loaded model goes on to save)
 
     optimizer = adamw(model, 1e-5, (0.9, 0.95))                 # one step: AdamW's two moments exist
     model(torch.randint(0, model.config.vocab_size, (1, 64), device=device)).float().square().mean().backward()
@@ -156,9 +161,7 @@ def main():
             else:
                 save_checkpoint(os.path.join(out, "nanoadapt"), 1, model, optimizer, {"step": 1})
         seconds = time.perf_counter() - start
-        peaks = [None] * world
-        dist.all_gather_object(peaks, mem.peak)
-        saves.append((how, peaks, seconds))
+        saves.append((how, peaks_over_ranks(mem, world), seconds))
     if rank == 0:
         print(f"\n{n_params / 1e6:.0f}M parameters from {path}, fp32 training weights, {world} ranks "
               f"({device.type})")
