@@ -650,11 +650,9 @@ def train(args):
             nano.print0(json.dumps(result))
             log(result)
 
-    def checkpoint(step):
-        # every rank: rank 0 writes, under FSDP all do. The weights are the merged model (a plain HF
-        # model); the adapter is in the trainer state.
-        state = {"step": step, "data_plan": data_plan} | ({"lora": nano.lora_state_dict(raw)} if lora else {})
-        nano.save_checkpoint(args.out, step, model, optimizer, state, tokenizer_dir=tok_dir, keep=args.keep)
+    def checkpoint(step):                               # every rank (see save_checkpoint)
+        nano.save_checkpoint(args.out, step, model, optimizer, {"step": step, "data_plan": data_plan},
+                             tokenizer_dir=tok_dir, keep=args.keep)
 
     # -- training loop ------------------------------------------------------------------------------
     if start_step == 0:

@@ -282,11 +282,9 @@ def train(args):
     if rank == 0:                                       # (after resume's checks: a refused run changes nothing)
         M.write_json_atomic(os.path.join(args.out, "args.json"), vars(args))
 
-    def checkpoint(step):
-        # every rank: rank 0 writes, under FSDP all do. The weights are the merged model (a plain HF
-        # model); the adapter is in the trainer state.
-        trainer_state = {"step": step, "data_plan": data_plan} | ({"lora": M.lora_state_dict(raw)} if lora else {})
-        M.save_checkpoint(args.out, step, model, optimizer, trainer_state, tokenizer_dir=tok_dir, keep=args.keep)
+    def checkpoint(step):                               # every rank (see save_checkpoint)
+        M.save_checkpoint(args.out, step, model, optimizer, {"step": step, "data_plan": data_plan},
+                          tokenizer_dir=tok_dir, keep=args.keep)
 
     peak = M.gpu_peak_flops(device)
     # frozen weights get no weight gradient: about 4 instead of 6 FLOPs per parameter and token

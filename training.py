@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from lora import load_lora_state_dict
+from lora import LoRALinear, load_lora_state_dict, lora_state_dict
 
 
 def init_distributed():
@@ -74,11 +74,14 @@ def save_checkpoint(run_dir, step, model, optimizer, trainer_state, tokenizer_di
     """checkpoints/step_NNNNNN/: the HF model dir (model.save_pretrained), trainer_state.pt (step, data
     position, RNG, ...) and optimizer/, the optimizer state as torch.distributed.checkpoint writes it (under
     FSDP each rank writes its shard, one file per rank), read back at any world size, with or without
-    FSDP. Written atomically; checkpoints beyond the newest `keep` are removed. Every rank calls it: rank 0
-    writes, except under FSDP, where all do (model.save_pretrained). Also removes what a killed save left
-    behind (.step_*.tmp-* directories: tens of GB at 7B)."""
+    FSDP. A model with LoRA adapters is saved merged, and its adapter goes into the trainer state as "lora"
+    (resume_training reads it back). Written atomically; checkpoints beyond the newest `keep` are removed.
+    Every rank calls it: rank 0 writes, except under FSDP, where all do (model.save_pretrained). Also
+    removes what a killed save left behind (.step_*.tmp-* directories: tens of GB at 7B)."""
     import torch.distributed as dist
     raw = unwrap(model)
+    if any(isinstance(m, LoRALinear) for m in raw.modules()):
+        trainer_state = {**trainer_state, "lora": lora_state_dict(raw)}
     ckpt_root = os.path.join(run_dir, "checkpoints")
     raw.save_pretrained(os.path.join(ckpt_root, f"step_{step:06d}"), tokenizer_dir=tokenizer_dir,
                         extra_files={"trainer_state.pt": lambda path: torch.save(trainer_state, path)},
