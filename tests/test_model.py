@@ -6,12 +6,7 @@ import pytest
 import torch
 
 from model import Config, KVCache, Transformer, generate
-from tiny_models import FAMILIES, make_hf_model
-
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from tiny_models import FAMILIES, make_hf_model, rel_err
 
 
 def tokens(B, T, vocab=101, seed=1):

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from model import Transformer  # noqa: E402
-from tiny_models import make_hf_model  # noqa: E402
+from tiny_models import make_hf_model, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -21,10 +21,6 @@ def count_kernel_calls(monkeypatch):
     real = flash_attention.flash_attention
     monkeypatch.setattr(flash_attention, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2_window"])     # windows shorter than the sequence

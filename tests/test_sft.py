@@ -13,7 +13,7 @@ import torch
 import model as M
 import sft
 from model import Transformer
-from tiny_models import make_hf_model
+from tiny_models import make_hf_model, rel_err
 
 os.environ.setdefault("NANOADAPT_ATTENTION", "sdpa")
 
@@ -27,10 +27,6 @@ CONVERSATIONS = [
     [{"role": "user", "content": "  leading spaces"}, {"role": "assistant", "content": "\nnew line first"},
      {"role": "user", "content": "The quick brown fox"}, {"role": "assistant", "content": "jumps."}],
 ]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def write_sp_tokenizer(path, chat_tokens=False):

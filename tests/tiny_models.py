@@ -41,3 +41,8 @@ def make_hf_model(family, path=None, seed=0, **overrides):
     if path is not None:
         model.save_pretrained(path)
     return model
+
+
+def rel_err(a, b):
+    """‖a - b‖ / ‖b‖, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
