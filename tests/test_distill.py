@@ -445,8 +445,8 @@ def test_lora_trains_only_the_adapter(env, tmp_path):
     assert os.path.isfile(os.path.join(run, "adapter", "adapter_model.safetensors"))
 
 
-def torchrun(*args):
-    run_script("distill.py", *args, ranks=2)
+def torchrun(*args, env=None):
+    run_script("distill.py", *args, ranks=2, env=env)
 
 
 def test_ddp_dump_and_train_equal_one_process(env, tmp_path):
@@ -467,7 +467,9 @@ def test_ddp_dump_and_train_equal_one_process(env, tmp_path):
     one_held, sharded = str(tmp_path / "one_held"), str(tmp_path / "fsdp")
     distill.main(train_args(env, one_held, *common, *held))
     torchrun(*train_args(env, sharded, *common, *held), "--grad-accum", "1", "--fsdp", "--compile",
-             "--activation-checkpointing")                  # each layer compiled (inductor) and checkpointed too
+             "--activation-checkpointing",                  # each layer compiled (inductor) and checkpointed too
+             env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert any(f.is_file() for f in (tmp_path / "inductor").rglob("*"))     # --compile reached the layers
     a, c = weights(one_held), weights(sharded)
     assert all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)
     m1, m2 = read_metrics(one_held), read_metrics(sharded)

@@ -342,8 +342,11 @@ def test_torchrun_two_processes_match_one(corpus, base, tmp_path):
     for mode in ("ddp", "fsdp"):
         out = tmp_path / mode
         r = run_subprocess([*common, "--grad-accum", "2", *common_args(out, tmp_path / "cache"),
-                            *(fsdp if mode == "fsdp" else [])], torchrun=2)
+                            *(fsdp if mode == "fsdp" else [])], {"TORCHINDUCTOR_CACHE_DIR": str(out / "inductor")},
+                           torchrun=2)
         assert r.returncode == 0, r.stderr[-3000:]
+        compiled = any(f.is_file() for f in (out / "inductor").rglob("*"))
+        assert compiled == (mode == "fsdp")                         # --compile reached the layers: inductor ran
         two = metrics(out)
         assert [m["step"] for m in one] == [m["step"] for m in two]
         assert json.loads((out / "args.json").read_text())["world_size"] == 2

@@ -366,7 +366,8 @@ def test_loss_is_normalised_over_the_global_batch(tmp_path):
     # FSDP2: weights, gradients and optimizer state sharded over the two ranks, with each layer compiled
     # (inductor) and checkpointed: the same losses
     run_script("sft.py", *common, "--out", tmp_path / "fsdp", "--fsdp", "--compile", "--activation-checkpointing",
-               ranks=2)
+               ranks=2, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert any(f.is_file() for f in (tmp_path / "inductor").rglob("*"))     # --compile reached the layers
     fsdp = [json.loads(line) for line in open(tmp_path / "fsdp" / "metrics.jsonl")]
     assert losses(fsdp) == pytest.approx(one_micro, rel=1e-5)
     assert [r["val_loss"] for r in fsdp if "val_loss" in r] == \
