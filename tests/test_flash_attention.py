@@ -222,9 +222,8 @@ def test_window_and_documents_match_transformers():
     config._attn_implementation = "sdpa"  # returns a boolean (B, 1, T, T) mask, True = visible
     lengths = [25, 4, 31]
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]  # restarts at 0 per document
-    mask = create_sliding_window_causal_mask(
-        config=config, inputs_embeds=torch.zeros(B, T, H * D), attention_mask=None,
-        past_key_values=None, position_ids=position_ids, allow_is_causal_skip=False)
+    mask = create_sliding_window_causal_mask(  # 4th argument, no cache: named past_key_values, then cache (5.24)
+        config, torch.zeros(B, T, H * D), None, None, position_ids=position_ids, allow_is_causal_skip=False)
     mask = mask[:, 0].bool()  # (B, T, T)
 
     doc_start = (torch.arange(T)[None] - position_ids).to(DEVICE, torch.int32)

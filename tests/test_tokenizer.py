@@ -202,8 +202,19 @@ EDGE_TEXTS = [" leading space", "  two leading", "     indented paragraph", "\tT
               " ", "   ", "a  b   c", "trailing  ", "<|im_start|> x", "x<|im_end|>  y"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="without tokenizer.json, transformers 5's generic backend converts "
-                                       "tokenizer.model and loses the leading '▁': why we always write tokenizer.json")
+def _transformers_version():
+    try:
+        import transformers
+    except ImportError:
+        return (0, 0)
+    return tuple(int(part) for part in transformers.__version__.split(".")[:2])
+
+
+# Checked by installing releases: 5.21.1 and 5.23.0 lose the '▁', 5.24.0 and 5.25.0 convert it correctly. Both
+# are allowed by requirements-dev.txt, so strict either way: the test fails if either side changes.
+@pytest.mark.xfail(_transformers_version() < (5, 24), strict=True, raises=AssertionError,
+                   reason="without tokenizer.json, transformers 5.0-5.23's generic backend converts tokenizer.model "
+                          "and loses the leading '▁': why we always write tokenizer.json")
 def test_autotokenizer_with_only_tokenizer_model(trained, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(trained / "tokenizer.model"))
     d = _model_dir(tmp_path, trained, "mistral", ("tokenizer.model", "tokenizer_config.json"))
