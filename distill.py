@@ -702,7 +702,8 @@ def train(args):
     evaluate(total_steps)
 
     # -- final model ------------------------------------------------------------------------------------
-    checkpoint(total_steps)
+    # no checkpoint of the last step (as pretrain.py and sft.py): the HF model is the result, and the
+    # optimizer state of a 7B model is tens of GB written for nothing; checkpoints/ keeps the earlier ones
     raw.save_pretrained(args.out, tokenizer_dir=tok_dir)                 # every rank: rank 0 writes, under FSDP all do
     if lora and rank == 0:
         nano.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.student))

@@ -421,14 +421,14 @@ def test_train_lowers_kl_saves_hf_and_resumes_exactly(env, tmp_path):
     evals = [r for r in m if "eval_kl" in r]
     assert [r["step"] for r in m if "loss" in r] == list(range(1, 7))
     assert [r["step"] for r in evals] == [0, 3, 6] and evals[-1]["eval_kl"] < evals[0]["eval_kl"]
-    assert os.path.isfile(os.path.join(run, "args.json")) and nano.latest_checkpoint(run).endswith("step_000006")
+    assert os.path.isfile(os.path.join(run, "args.json")) and nano.latest_checkpoint(run).endswith("step_000003")
     hf = transformers.AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)          # an HF checkpoint
     assert hf.config.hidden_size == 32
 
-    # kill after step 3: drop what came later, resume, and land on the same weights
+    # killed after step 3: drop the final model (the step-3 checkpoint is the last one kept), resume, and
+    # land on the same weights
     resumed = str(tmp_path / "resumed")
     shutil.copytree(run, resumed)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "step_000006"))
     os.remove(os.path.join(resumed, "model.safetensors"))
     distill.main(args[:args.index("--out") + 1] + [resumed] + args[args.index("--out") + 2:] + ["--resume"])
     a, b = weights(run), weights(resumed)
