@@ -3,7 +3,7 @@
     python bench/attention.py            # the speed table (bf16, GQA 32q/8kv)
     python bench/attention.py --check    # bf16 error vs an fp32 reference, ours and SDPA's
     python bench/attention.py --sweep    # time candidate block sizes (to choose flash_attention._GPU_CONFIGS)
-    sh bench/gpu_checks.sh               # GPU tests, compile check, --check and the table, in one go
+    sh bench/gpu_checks.sh               # every GPU check (--check and the table first), in one go
     python bench/attention.py --smoke    # any of the above on tiny shapes on the CPU (Triton interpreter,
                                          # fp16): tests this script, not the kernel; its timings mean nothing
 
@@ -112,7 +112,7 @@ def runs(fn, q, k, v, do):
         synchronize()
         return True
     except Exception as e:  # RuntimeError ("no available kernel"), NotImplementedError, ...
-        print(f"    (skipped: {str(e).splitlines()[0][:100]})")
+        print(f"    (skipped: {str(e).splitlines()[0][:100]})", file=sys.stderr)
         return False
 
 
@@ -161,8 +161,24 @@ def cases():
         yield dict(name="16 docs", D=D, T=16384, B=1, docs=uneven_lengths(16384, 16))
 
 
+TABLE_COLUMNS = (("case", 11), ("d", 3), ("N", 5), ("B", 2), ("fwd", 5), ("bwd", 5), ("fwd+bwd", 7),
+                 ("vs flash", 14), ("vs cudnn", 14), ("vs mask", 14), ("", 0))
+
+
+def print_row(cells):
+    print("  ".join(f"{str(x):>{w}}" for x, (_, w) in zip(cells, TABLE_COLUMNS)), flush=True)
+
+
 def table():
-    rows = []
+    """The speed table, printed a row at a time as each case is measured (a run stopped early keeps
+    what it measured)."""
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU, Triton interpreter (smoke run)"
+    print(f"{device}, {str(DTYPE).removeprefix('torch.')}, GQA {HQ}q/{HKV}kv, torch {torch.__version__}, "
+          f"triton {triton.__version__}. TFLOP/s of useful work; SDPA columns: SDPA time / our "
+          f"time as fwd/bwd/fwd+bwd (>1: ours faster). flash/cudnn run plain causal (no window or "
+          f"docs); mask = SDPA (efficient backend) with the dense boolean mask. GQA for SDPA: "
+          f"enable_gqa=True, or * = K/V expanded to {HQ} heads inside the timed call.")
+    print_row([name for name, _ in TABLE_COLUMNS])
     causal_time = {}
     longest = max(c["T"] for c in cases())                 # the window rows compare with causal at this length
     for c in cases():
@@ -178,7 +194,7 @@ def table():
             contenders_args["mask"] = (SDPBackend.EFFICIENT_ATTENTION, mask)
         contenders = {"ours": ours(doc_start, window)}
         contenders.update({name: sdpa(*a) for name, a in contenders_args.items()})
-        print(f"{c['name']} d{D} N={T} B={B}", flush=True)
+        print(f"measuring {c['name']} d{D} N={T} B={B}", file=sys.stderr, flush=True)
         times, expanded = {}, []
         for name, fn in contenders.items():
             if name != "ours" and not runs(fn, q, k, v, do):  # retry with K, V expanded
@@ -197,22 +213,10 @@ def table():
         note = ""
         if window is not None and D in causal_time:
             note = f"{ours_t[2] / causal_time[D]:.2f}x our causal"
-        rows.append((c["name"], D, T, B, *tflops, ratio["flash"], ratio["cudnn"], ratio["mask"], note))
+        print_row([c["name"], D, T, B, *(f"{x:.0f}" for x in tflops), ratio["flash"], ratio["cudnn"], ratio["mask"],
+                   note])
         del q, k, v, do
         free_memory()
-
-    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU, Triton interpreter (smoke run)"
-    print(f"\n{device}, {str(DTYPE).removeprefix('torch.')}, GQA {HQ}q/{HKV}kv, torch {torch.__version__}, "
-          f"triton {triton.__version__}. TFLOP/s of useful work; SDPA columns: SDPA time / our "
-          f"time as fwd/bwd/fwd+bwd (>1: ours faster). flash/cudnn run plain causal (no window or "
-          f"docs); mask = SDPA (efficient backend) with the dense boolean mask. GQA for SDPA: "
-          f"enable_gqa=True, or * = K/V expanded to {HQ} heads inside the timed call.")
-    header = ("case", "d", "N", "B", "fwd", "bwd", "fwd+bwd", "vs flash", "vs cudnn", "vs mask", "")
-    widths = (11, 3, 5, 2, 5, 5, 7, 14, 14, 14, 0)
-    print("  ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
-    for r in rows:
-        cells = [r[0], r[1], r[2], r[3], f"{r[4]:.0f}", f"{r[5]:.0f}", f"{r[6]:.0f}", *r[7:]]
-        print("  ".join(f"{str(x):>{w}}" for x, w in zip(cells, widths)))
 
 
 # ------------------------------------------------------------------------------------ correctness

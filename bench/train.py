@@ -164,7 +164,9 @@ def main():
             rows.append((kind, None, None, None))
             gc.collect()
             torch.cuda.empty_cache()
-        print(f"  measured: {kind}", file=sys.stderr)
+        tps, _, mem = rows[-1][1:]                       # also now: a run stopped early keeps what it measured
+        print(f"  measured: {kind}: " + (f"{tps:,.0f} tokens/s" + (f", peak {mem:.1f} GiB" if mem == mem else "") if tps else "out of memory"),
+              file=sys.stderr, flush=True)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\ntraining step, {args.preset} preset: Qwen3-shaped, {p['layers']} layers, hidden {p['hidden']}, "
