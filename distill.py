@@ -704,7 +704,8 @@ def train(args):
     # -- final model ------------------------------------------------------------------------------------
     # no checkpoint of the last step (as pretrain.py and sft.py): the HF model is the result, and the
     # optimizer state of a 7B model is tens of GB written for nothing; checkpoints/ keeps the earlier ones
-    raw.save_pretrained(args.out, tokenizer_dir=tok_dir)                 # every rank: rank 0 writes, under FSDP all do
+    # every rank: rank 0 writes, under FSDP all do
+    raw.save_pretrained(args.out, tokenizer_dir=tok_dir, dtype=args.save_dtype)
     if lora and rank == 0:
         nano.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.student))
     nano.print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))

@@ -20,6 +20,7 @@ and crash-safe writing (temporary name, fsync, rename) in atomic_files.py.
 References: Mistral 7B (Jiang et al. 2023), Qwen2/Qwen3 technical reports, Llama 3 (Dubey et al. 2024)
 for the llama3 RoPE scaling; the HF `transformers` implementations define the numerics we match.
 """
+import dataclasses
 import json
 import math
 import os
@@ -459,8 +460,8 @@ class Transformer(nn.Module):
         return load_pretrained(cls, path, device, dtype)
 
     def save_pretrained(self, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, generation_config=None,
-                        also=None):
-        save_pretrained(self, path, max_shard_size, tokenizer_dir, extra_files, generation_config, also)
+                        also=None, dtype=None):
+        save_pretrained(self, path, max_shard_size, tokenizer_dir, extra_files, generation_config, also, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,7 +594,7 @@ def write_model_directory(path, steps, all_ranks=False):
 
 
 def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra_files=None, generation_config=None,
-                    also=None):
+                    also=None, dtype=None):
     """Write an HF model directory atomically: config.json, generation_config.json, safetensors
     (sharded with an index above max_shard_size), the tokenizer files, and any extra files.
     Tied weights are stored once (as `model.embed_tokens.weight`), as transformers does; a model with
@@ -605,15 +606,18 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
     generation_config: the dict to start generation_config.json from (default: the source model's);
     the config's bos/eos/pad ids override its own, and suppress_tokens is recomputed.
     also(tmp): writes more into the directory before it is published, on every rank that writes
-    (save_checkpoint puts the optimizer state there)."""
+    (save_checkpoint puts the optimizer state there).
+    dtype (e.g. torch.bfloat16 or "bfloat16"): the weights are cast to it as they are written, and
+    config.json says so (a model trained in fp32, released in bf16); default: as they are."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype     # "bfloat16" -> torch.bfloat16
     sharded = is_sharded(model)
     if not (sharded or is_rank0()):
         return
 
     def model_files(tmp):
-        write_safetensors(model, tmp, max_shard_size, sharded)
+        write_safetensors(model, tmp, max_shard_size, sharded, dtype)
         if is_rank0():
-            write_config_files(model, tmp, tokenizer_dir, generation_config)
+            write_config_files(model, tmp, tokenizer_dir, generation_config, dtype)
             for name, content in (extra_files or {}).items():
                 if callable(content):               # writes the file itself (e.g. torch.save, no copy in memory)
                     content(os.path.join(tmp, name))
@@ -623,9 +627,9 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
     write_model_directory(path, [model_files] + ([also] if also is not None else []), all_ranks=sharded)
 
 
-def write_safetensors(model, tmp, max_shard_size, sharded):
-    """The weights as safetensors files in tmp, split in state-dict order, with an index when there is
-    more than one file, each at most max_shard_size (or one tensor alone). Not sharded: this process
+def write_safetensors(model, tmp, max_shard_size, sharded, dtype=None):
+    """The weights as safetensors files in tmp (cast to dtype, if given), split in state-dict order, with
+    an index when there is more than one file, each at most max_shard_size (or one tensor alone). Not sharded: this process
     writes them all (split greedily). FSDP: every rank takes part in gathering each tensor in turn (a
     collective); the tensors are split into files of about equal size, about one per rank (each tensor in
     the file its middle byte falls in; fewer when one tensor outweighs the rest), and file i is kept and
@@ -636,7 +640,7 @@ def write_safetensors(model, tmp, max_shard_size, sharded):
     state = merged_state_dict(model)    # (without adapters: the state dict; under FSDP DTensors, global shapes)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    nbytes = {key: t.numel() * t.element_size() for key, t in state.items()}
+    nbytes = {key: t.numel() * (dtype or t.dtype).itemsize for key, t in state.items()}
     total, limit = sum(nbytes.values()), _parse_size(max_shard_size)
     if sharded:                                 # every rank writes at once, about the same amount
         def split_evenly(n):
@@ -665,7 +669,7 @@ def write_safetensors(model, tmp, max_shard_size, sharded):
                 t = t.full_tensor()
             if i % world == rank and failed is None:
                 try:                            # (a failure here must not make this rank skip a gather)
-                    mine.setdefault(i, {})[key] = t.detach().to("cpu").contiguous()
+                    mine.setdefault(i, {})[key] = t.detach().to("cpu", dtype or t.dtype).contiguous()
                 except Exception as e:
                     failed, mine = e, {}
             del t
@@ -682,10 +686,10 @@ def write_safetensors(model, tmp, max_shard_size, sharded):
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def write_config_files(model, tmp, tokenizer_dir=None, generation_config=None):
-    """config.json (with the weights' dtype), generation_config.json and the tokenizer's files, into tmp."""
-    cfg = model.config
-    cfg.torch_dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+def write_config_files(model, tmp, tokenizer_dir=None, generation_config=None, dtype=None):
+    """config.json (with the saved weights' dtype), generation_config.json and the tokenizer's files, into tmp."""
+    saved_dtype = dtype or model.model.embed_tokens.weight.dtype
+    cfg = dataclasses.replace(model.config, torch_dtype=str(saved_dtype).removeprefix("torch."))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2, ensure_ascii=False)
     gen = dict(generation_config) if generation_config is not None else read_generation_config(model.source_dir)

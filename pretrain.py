@@ -837,7 +837,7 @@ def train(args):
         evaluate(max_steps)
     # into the run directory itself, next to checkpoints/ and metrics.jsonl (which stay). Every rank calls
     # it: rank 0 writes, or under FSDP every rank writes its part.
-    raw.save_pretrained(args.out, tokenizer_dir=args.tokenizer)
+    raw.save_pretrained(args.out, tokenizer_dir=args.tokenizer, dtype=args.save_dtype)
     log(f"saved the final model to {args.out}")
     if world > 1:
         dist.barrier()

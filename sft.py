@@ -350,7 +350,7 @@ def train(args):
 
     # -- final model ---------------------------------------------------------------------------------
     # every rank: rank 0 writes, under FSDP all do; checkpoints/ etc. in the directory stay
-    raw.save_pretrained(args.out, tokenizer_dir=tok_dir)
+    raw.save_pretrained(args.out, tokenizer_dir=tok_dir, dtype=args.save_dtype)
     if lora and rank == 0:
         M.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.model))
     print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))

@@ -216,7 +216,8 @@ def gpu_peak_flops(device) -> float | None:
 
 
 def add_scale_arguments(p):
-    """The flags that make a 7B run fit and run fast, the same in pretrain.py, sft.py and distill.py train."""
+    """The flags that make a 7B run fit and run fast (and save it as released), the same in pretrain.py, sft.py
+    and distill.py train."""
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun, shard weights, gradients and optimiser state over GPUs (FSDP2) instead of "
                         "replicating them (DDP): what full training of a 7B model needs")
@@ -227,6 +228,9 @@ def add_scale_arguments(p):
     p.add_argument("--activation-checkpointing", "--gradient-checkpointing", dest="activation_checkpointing",
                    action="store_true", help="recompute each layer in the backward pass: less memory, about 1/3 "
                                              "more compute")
+    p.add_argument("--save-dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="the final model's weights in this dtype (bfloat16: half the size of an fp32 run's output); "
+                        "default: the training dtype. Checkpoints keep the training dtype, for an exact resume")
 
 
 def check_scale_arguments(p, args):

@@ -94,6 +94,21 @@ def test_dtype_on_load_and_save(tmp_path):
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
     assert Transformer.from_pretrained(tmp_path / "bf16").lm_head.weight.dtype == torch.bfloat16
 
+    # an fp32 model saved as bf16 (a release): each tensor is its fp32 value rounded, the model is untouched
+    import transformers
+    m = Transformer.from_pretrained(tmp_path / "hf")
+    m.save_pretrained(tmp_path / "release", dtype="bfloat16", max_shard_size="40KB")
+    assert m.lm_head.weight.dtype == torch.float32 and m.config.torch_dtype == "float32"
+    cfg = json.loads((tmp_path / "release" / "config.json").read_text())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    saved = Transformer.from_pretrained(tmp_path / "release").state_dict()
+    for k, v in m.state_dict().items():
+        assert saved[k].dtype == torch.bfloat16 and torch.equal(saved[k], v.to(torch.bfloat16)), k
+    index = json.loads((tmp_path / "release" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 2 * sum(v.numel() for v in m.state_dict().values())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "release")    # dtype "auto": from config
+    assert hf.lm_head.weight.dtype == torch.bfloat16
+
 
 @pytest.mark.parametrize("family", ["mistral", "qwen3_tied"])
 def test_greedy_generation_matches_transformers(family, tmp_path):
@@ -463,6 +478,7 @@ def main(source, out):
     model.save_pretrained(out + "/ok", max_shard_size="30KB")
     os.fsync = fsync
     print(f"rank {rank} fsynced {sorted(n for n in set(synced) if n.endswith('.safetensors'))}", flush=True)
+    model.save_pretrained(out + "/bf16", max_shard_size="30KB", dtype=torch.bfloat16)
     def disk_full_on_rank_1(tmp):
         if rank == 1:
             raise OSError("disk full")
@@ -513,9 +529,11 @@ def test_fsdp_ranks_write_their_share_and_fail_together(tmp_path):
     assert f"rank 1 fsynced {files[1::2]}" in r.stdout                  # each writer fsyncs its own files
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "ok", dtype=torch.float32)
     assert torch.equal(hf.model.layers[1].mlp.down_proj.weight, source["model.layers.1.mlp.down_proj.weight"])
+    released = Transformer.from_pretrained(tmp_path / "out" / "bf16").state_dict()     # cast as gathered
+    assert all(torch.equal(released[k], source[k].to(torch.bfloat16)) for k in source)
     assert "raised on rank 1: OSError: disk full" in r.stdout
     assert "raised on rank 0: RuntimeError: writing" in r.stdout
     assert "failed on another rank: rank 1: OSError: disk full" in r.stdout
     assert "raised on rank 1: MemoryError: no host memory" in r.stdout
     assert "failed on another rank: rank 1: MemoryError: no host memory" in r.stdout
-    assert sorted(os.listdir(tmp_path / "out")) == ["ok"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["bf16", "ok"]

@@ -273,17 +273,22 @@ def test_random_init_run_learns_and_saves_hf_model(corpus, tok_dir, tmp_path):
     assert back.config.vocab_size == 300 and back.config.eos_token_id == 2
 
 
-def test_train_only_embeddings_and_activation_checkpointing(corpus, base, tmp_path):
+def test_activation_checkpointing_save_dtype_and_train_only_embeddings(corpus, base, tmp_path):
     def run(out, *extra):
         pretrain.main(["--model", str(base), "--data", str(corpus / "ru.txt"), "--batch-size", "2",
                        "--grad-accum", "2", "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
                        *common_args(out, tmp_path / "cache"), *extra])
         return train_steps(out)
     plain = run(tmp_path / "plain", "--loss-chunk", "1024")
-    other = run(tmp_path / "ckpt", "--activation-checkpointing", "--loss-chunk", "7")
+    other = run(tmp_path / "ckpt", "--activation-checkpointing", "--loss-chunk", "7", "--save-dtype", "bfloat16")
     for step in plain:
         assert other[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-5)
         assert other[step]["grad_norm"] == pytest.approx(plain[step]["grad_norm"], rel=1e-4)
+    # --save-dtype bfloat16: the same fp32 training, its final weights rounded to bf16 as they are written
+    trained = Transformer.from_pretrained(str(tmp_path / "plain")).state_dict()
+    for k, v in Transformer.from_pretrained(str(tmp_path / "ckpt")).state_dict().items():
+        assert v.dtype == torch.bfloat16, k
+        torch.testing.assert_close(v.float(), trained[k], rtol=2**-8, atol=1e-6, msg=k)
     assert plain[1]["kl"] == pytest.approx(0, abs=1e-6) and plain[3]["kl"] > 1e-5   # the reference is the start
 
     run(tmp_path / "emb", "--train-only", "embeddings")
