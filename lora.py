@@ -37,7 +37,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):   # (under autocast its matmuls take bf16 anyway:
+            x = x.to(self.lora_A.weight.dtype)              # an fp32 copy of x would be made for nothing)
+        update = self.lora_B(self.lora_A(x))
         return y + (self.scale * update).to(y.dtype)
 
     @torch.no_grad()

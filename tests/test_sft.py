@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 import sft
@@ -161,6 +162,17 @@ def test_lora(tmp_path):
     with torch.no_grad():
         out = model(ids)
     assert rel_err(out, ref) > 1e-3                           # the adapter did change the model
+
+    # under bf16 autocast a wrapped layer computes W x + b + (alpha / r) B A x with every matmul in bf16
+    layer, bf = model.model.layers[0].self_attn.q_proj, torch.bfloat16
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=bf):
+            got = layer(x)
+        xb = x.to(bf)
+        low_rank = F.linear(F.linear(xb, layer.lora_A.weight.to(bf)), layer.lora_B.weight.to(bf))
+        want = F.linear(xb, layer.weight.to(bf), layer.bias.to(bf)) + layer.scale * low_rank
+    assert got.dtype == bf and torch.equal(got, want)
 
     # merged: the base keys only, same logits in our model and in transformers
     merged = M.merged_state_dict(model)
