@@ -51,6 +51,20 @@ def _interpreting():
     return isinstance(tl.zeros, InterpretedFunction) and isinstance(_fwd_kernel, InterpretedFunction)
 
 
+def _check_interpreter_numpy():
+    # Triton's interpreter before 3.7 turns scalar tensors into Python ints with int() on a 1-element
+    # array, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars",
+    # from deep inside the interpreter; seen with Triton 3.6 and NumPy 2.4.6, not 3.7 or NumPy 2.3.5).
+    import numpy
+
+    def major_minor(version):
+        return tuple(int(part) for part in version.split(".")[:2])
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        raise RuntimeError(f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run with "
+                           f"NumPy {numpy.__version__}: pip install 'numpy<2.4', or a torch that comes with "
+                           f"Triton 3.7 or newer")
+
+
 # --------------------------------------------------------------------------------------------------
 # Block sizes. Fixed per (head dim, dtype), not autotuned: a different block size sums in a different
 # order, and we promise bitwise-identical results from run to run and process to process.
@@ -570,6 +584,8 @@ def flash_attention(q, k, v, doc_start=None, window=None, scale=None):
     if not supports(q, k, v):
         raise ValueError(f"flash_attention does not support q {tuple(q.shape)} {q.dtype} {q.device}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)} (see supports())")
+    if q.device.type == "cpu":
+        _check_interpreter_numpy()
     B, H, T, D = q.shape
     if doc_start is not None and tuple(doc_start.shape) != (B, T):
         raise ValueError(f"doc_start must have shape {(B, T)}, got {tuple(doc_start.shape)}")

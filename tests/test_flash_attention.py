@@ -248,3 +248,19 @@ def test_supports():
     assert fa.supports(big[:, :, :2**16], big[:, :8, :2**16], big[:, :8, :2**16])
     if DEVICE == "cpu":
         assert not fa.supports(*(x.bfloat16() for x in (q, k, v)))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the Triton interpreter runs on the CPU only")
+def test_interpreter_that_cannot_run_with_this_numpy_is_a_clear_error(monkeypatch):
+    """Triton 3.6's interpreter fails deep inside with NumPy 2.4 (seen with both installed); the
+    versions are checked first, and the error says what to install."""
+    import numpy
+    q, k, v = make_qkv(1, 2, 1, 8, 16)
+    monkeypatch.setattr(fa.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    with pytest.raises(RuntimeError, match=r"Triton 3.6.0's CPU interpreter .* NumPy 2.4.6: pip install 'numpy<2.4'"):
+        fa.flash_attention(q, k, v)
+    for triton_version, numpy_version in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.6")):   # either side newer: no check
+        monkeypatch.setattr(fa.triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        fa._check_interpreter_numpy()
