@@ -629,11 +629,11 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
 
 def write_safetensors(model, tmp, max_shard_size, sharded, dtype=None):
     """The weights as safetensors files in tmp (cast to dtype, if given), split in state-dict order, with
-    an index when there is more than one file, each at most max_shard_size (or one tensor alone). Not sharded: this process
-    writes them all (split greedily). FSDP: every rank takes part in gathering each tensor in turn (a
-    collective); the tensors are split into files of about equal size, about one per rank (each tensor in
-    the file its middle byte falls in; fewer when one tensor outweighs the rest), and file i is kept and
-    written by rank i % world."""
+    an index when there is more than one file, each at most max_shard_size (or one tensor alone). Not
+    sharded: this process writes them all (split greedily). FSDP: every rank takes part in gathering
+    each tensor in turn (a collective); the tensors are split into files of about equal size, about one
+    per rank (each tensor in the file its middle byte falls in; fewer when one tensor outweighs the
+    rest), and file i is kept and written by rank i % world."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
@@ -666,7 +666,7 @@ def write_safetensors(model, tmp, max_shard_size, sharded, dtype=None):
             if isinstance(t, DTensor):
                 if t.device.type != t.device_mesh.device_type:
                     t = t.to(t.device_mesh.device_type)     # --cpu-offload: CPU shards, gathered on the GPU
-                t = t.full_tensor()
+                t = t.to(dtype or t.dtype).full_tensor()    # (cast first: a bf16 save gathers half the bytes)
             if i % world == rank and failed is None:
                 try:                            # (a failure here must not make this rank skip a gather)
                     mine.setdefault(i, {})[key] = t.detach().to("cpu", dtype or t.dtype).contiguous()
