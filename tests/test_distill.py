@@ -445,6 +445,16 @@ def test_lora_trains_only_the_adapter(env, tmp_path):
     assert os.path.isfile(os.path.join(run, "adapter", "adapter_model.safetensors"))
 
 
+def test_save_dtype_rounds_only_the_final_model(env, tmp_path):
+    """--save-dtype bfloat16: the same training, its final weights each rounded to bf16 as written."""
+    full, rounded = str(tmp_path / "fp32"), str(tmp_path / "bf16")
+    distill.main(train_args(env, full, "--max-steps", "1"))
+    distill.main(train_args(env, rounded, "--max-steps", "1", "--save-dtype", "bfloat16"))
+    a, b = weights(full), weights(rounded)
+    assert set(a) == set(b) and all(t.dtype == torch.float32 for t in a.values())
+    assert all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], a[k].to(torch.bfloat16)) for k in a)
+
+
 def torchrun(*args, env=None):
     run_script("distill.py", *args, ranks=2, env=env)
 

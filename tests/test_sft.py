@@ -425,3 +425,16 @@ def test_lora_adapters_stay_fp32_on_a_bf16_base(tmp_path):
     adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
     assert Transformer.from_pretrained(str(tmp_path / "run")).model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_save_dtype_rounds_only_the_final_model(tmp_path):
+    """--save-dtype bfloat16: the same training, its final weights each rounded to bf16 as written."""
+    base = make_base(tmp_path / "base", family="qwen2", chat_tokens=True)
+    data = write_chat_data(tmp_path / "chat.jsonl")
+    quick = ["--max-steps", "1", "--samples", "0", "--save-every", "0", "--eval-every", "0"]
+    run_sft(base, data, tmp_path / "fp32", *quick)
+    run_sft(base, data, tmp_path / "bf16", *quick, "--save-dtype", "bfloat16")
+    full, rounded = (Transformer.from_pretrained(str(tmp_path / d)).state_dict() for d in ("fp32", "bf16"))
+    assert full["lm_head.weight"].dtype == torch.float32
+    for k, v in full.items():
+        assert rounded[k].dtype == torch.bfloat16 and torch.equal(rounded[k], v.to(torch.bfloat16)), k
