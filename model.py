@@ -44,7 +44,7 @@ from atomic_files import (atomic_directory, current_umask, fsync_dir, rename_dur
 from lora import (LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merged_state_dict,  # noqa: F401
                   save_lora_adapter)
 # The training scripts' shared helpers live in training.py; re-exported here too.
-from training import (GPU_PEAK_BF16_FLOPS, adamw, add_scale_arguments, cast_weights,  # noqa: F401
+from training import (GPU_PEAK_BF16_FLOPS, adamw, add_scale_arguments, as_dtype, cast_weights,  # noqa: F401
                       check_scale_arguments, checkpointed_chunks, clip_gradients, close_distributed,
                       gpu_peak_flops, init_distributed, is_rank0, is_sharded,
                       latest_checkpoint, load_optimizer_state, load_placement, load_trainer_state,
@@ -483,8 +483,7 @@ def load_pretrained(cls, path, device=None, dtype=None):
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 "(nanoadapt reads weights only from safetensors)")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)                       # "bfloat16" -> torch.bfloat16
+    dtype = as_dtype(dtype)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = cls(cfg)
@@ -609,7 +608,7 @@ def save_pretrained(model, path, max_shard_size="5GB", tokenizer_dir=None, extra
     (save_checkpoint puts the optimizer state there).
     dtype (e.g. torch.bfloat16 or "bfloat16"): the weights are cast to it as they are written, and
     config.json says so (a model trained in fp32, released in bf16); default: as they are."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype     # "bfloat16" -> torch.bfloat16
+    dtype = as_dtype(dtype)
     sharded = is_sharded(model)
     if not (sharded or is_rank0()):
         return

@@ -243,6 +243,11 @@ def check_scale_arguments(p, args):
         p.error("--fsdp is for full fine-tuning; LoRA trains few weights and runs under plain DDP")
 
 
+def as_dtype(dtype):
+    """A torch dtype from its name ("bfloat16" -> torch.bfloat16), or the dtype (or None) as given."""
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def parallelize(model, device, *, dtype=None, fsdp=False, mixed_precision=None, cpu_offload=False, compile=False,
                 activation_checkpointing=False):
     """Wrap a model for training. Not distributed: the model itself, on `device`. torchrun: DDP (every
@@ -260,7 +265,7 @@ def parallelize(model, device, *, dtype=None, fsdp=False, mixed_precision=None, 
     activation_checkpointing: recompute each decoder layer in the backward pass.
     A model without trainable parameters (a frozen reference) is sharded but gets no DDP wrapper."""
     import torch.distributed as dist
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype      # "float32" -> torch.float32
+    dtype = as_dtype(dtype)
     model.gradient_checkpointing = activation_checkpointing
     if compile:
         for layer in model.model.layers:
