@@ -164,9 +164,12 @@ def main():
             rows.append((kind, None, None, None))
             gc.collect()
             torch.cuda.empty_cache()
-        tps, _, mem = rows[-1][1:]                       # also now: a run stopped early keeps what it measured
-        print(f"  measured: {kind}: " + (f"{tps:,.0f} tokens/s" + (f", peak {mem:.1f} GiB" if mem == mem else "") if tps else "out of memory"),
-              file=sys.stderr, flush=True)
+        _, tps, _, mem = rows[-1]                       # said now: a run stopped early keeps what it measured
+        if tps is None:
+            result = "out of memory"
+        else:                                           # (no peak memory on the CPU: nan)
+            result = f"{tps:,.0f} tokens/s" + (f", peak {mem:.1f} GiB" if mem == mem else "")
+        print(f"  measured: {kind}: {result}", file=sys.stderr, flush=True)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\ntraining step, {args.preset} preset: Qwen3-shaped, {p['layers']} layers, hidden {p['hidden']}, "
