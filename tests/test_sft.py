@@ -163,16 +163,29 @@ def test_lora(tmp_path):
         out = model(ids)
     assert rel_err(out, ref) > 1e-3                           # the adapter did change the model
 
-    # under bf16 autocast a wrapped layer computes W x + b + (alpha / r) B A x with every matmul in bf16
+    # under bf16 autocast a wrapped layer computes W x + b + (alpha / r) B A x with every matmul in bf16,
+    # and takes its bf16 input (what it gets in training) as it is: no fp32 copy of x is made on the way
+    from torch.overrides import TorchFunctionMode
+
+    class FloatCopies(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.Tensor.to and out.dtype == torch.float32 and args[0].dtype != torch.float32:
+                self.shapes.append(tuple(out.shape))
+            return out
     layer, bf = model.model.layers[0].self_attn.q_proj, torch.bfloat16
-    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(1))
+    xb = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(1)).to(bf)
     with torch.no_grad():
-        with torch.autocast("cpu", dtype=bf):
-            got = layer(x)
-        xb = x.to(bf)
+        with torch.autocast("cpu", dtype=bf), FloatCopies() as copies:
+            got = layer(xb)
         low_rank = F.linear(F.linear(xb, layer.lora_A.weight.to(bf)), layer.lora_B.weight.to(bf))
         want = F.linear(xb, layer.weight.to(bf), layer.bias.to(bf)) + layer.scale * low_rank
     assert got.dtype == bf and torch.equal(got, want)
+    assert copies.shapes == []
 
     # merged: the base keys only, same logits in our model and in transformers
     merged = M.merged_state_dict(model)
