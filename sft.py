@@ -153,7 +153,8 @@ def token_losses(model, ids, labels, doc_ids):
 
 
 def all_reduce_sum(values, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    """Sums over ranks of numbers or 0-d tensors, as Python floats: one collective, one wait for the GPU."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -328,7 +329,7 @@ def train(args):
         grad_norm = M.clip_gradients(trainable, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = all_reduce_sum([loss_sum.item()], device)[0] / max(n_sup, 1)
+        train_loss = all_reduce_sum([loss_sum], device)[0] / max(n_sup, 1)   # no .item() first
 
         done = step + 1
         dt = time.time() - t0
