@@ -49,8 +49,8 @@ import unicodedata
 import torch
 from tqdm import tqdm
 
-from model import (CHAT_TEMPLATES, Transformer, chat_prompt, close_distributed, generate, init_distributed, is_rank0,
-                   load_tokenizer, print0, write_json_atomic)
+from model import (CHAT_TEMPLATES, Config, Transformer, chat_prompt, close_distributed, generate, init_distributed,
+                   is_rank0, load_tokenizer, print0, write_json_atomic)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -165,24 +165,12 @@ def read_prompts(path, limit=0):
     return prompts
 
 
-def check_tokenizer(path):
+def load_model(path, device, dtype):
+    """The model in eval mode; a directory without (readable) weights is an InputError naming it."""
     try:
-        return load_tokenizer(path)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise InputError(f"model {path}: cannot load its tokenizer: {e}") from None
-
-
-def load_model_and_tokenizer(path, device, dtype):
-    """The model and its tokenizer; a directory without weights or tokenizer is an InputError naming it."""
-    tok = check_tokenizer(path)
-    try:
-        model = Transformer.from_pretrained(path, device=device, dtype=dtype)
+        return Transformer.from_pretrained(path, device=device, dtype=dtype).eval()
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"model {path}: {e}") from None
-    if tok.vocab_size > model.config.vocab_size:
-        raise InputError(f"model {path}: the tokenizer has {tok.vocab_size} tokens but the embedding only "
-                         f"{model.config.vocab_size} rows")
-    return model.eval(), tok
 
 
 def start_token(tok, where):
@@ -464,10 +452,39 @@ def score_sharded(model, requests, batch_size, desc):
 # ------------------------------------------------------------------------------------------------
 # 7. one model, then the table
 # ------------------------------------------------------------------------------------------------
-def evaluate_model(path, texts, benchmarks, prompts, args, device, dtype):
-    """Every measurement for one model; the report on rank 0, None on the other ranks."""
-    model, tok = load_model_and_tokenizer(path, device, dtype)
+def tokenized_inputs(path, benchmarks, prompts, args):
+    """What needs only a model's tokenizer and config.json: its start token, the benchmarks' scoring
+    requests and the encoded prompts. run() calls it for every model before loading the first, so a
+    tokenizer, choice or prompt that does not fit a later model stops the run in seconds, not after
+    the models before it were evaluated. (Texts are tokenized later: they may be long.)"""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise InputError(f"model {path}: no config.json (expected a Hugging Face model directory)")
+    try:
+        vocab_rows = Config.from_file(config).vocab_size
+    except ValueError as e:
+        raise InputError(f"model {path}: {e}") from None
+    try:
+        tok = load_tokenizer(path)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise InputError(f"model {path}: cannot load its tokenizer: {e}") from None
+    if tok.vocab_size > vocab_rows:
+        raise InputError(f"model {path}: the tokenizer has {tok.vocab_size} tokens but the embedding only "
+                         f"{vocab_rows} rows")
     start = start_token(tok, f"model {path}")
+    mc = {name: mc_requests(questions, tok, start, args.max_len, args.answer_cue, f"{name} (model {path})")
+          for name, questions in benchmarks.items()}
+    template = detect_chat_template(path) if args.chat_template == "auto" else args.chat_template
+    # a prompt too long for max_len keeps its end: the question and the assistant's cue
+    encoded = [encode_prompt(p, template, tok, f"{args.prompts}: prompt {i + 1} (model {path})")
+               [-(args.max_len - args.max_new_tokens):] for i, p in enumerate(prompts)]
+    return dict(tok=tok, start=start, mc=mc, template=template, encoded=encoded)
+
+
+def evaluate_model(path, inputs, texts, benchmarks, prompts, args, device, dtype):
+    """Every measurement for one model (inputs: its tokenized_inputs); the report on rank 0, None elsewhere."""
+    tok, start = inputs["tok"], inputs["start"]
+    model = load_model(path, device, dtype)
     report = dict(path=path, vocab_size=tok.vocab_size, embedding_rows=model.config.vocab_size,
                   params=model.num_params(), dtype=str(model.model.embed_tokens.weight.dtype).removeprefix("torch."))
 
@@ -477,8 +494,7 @@ def evaluate_model(path, texts, benchmarks, prompts, args, device, dtype):
         stats, reqs = text_requests(text, tok, start, args.max_len, args.stride)
         text_parts[name] = (stats, len(requests), len(reqs))
         requests += reqs
-    for name, questions in benchmarks.items():
-        reqs = mc_requests(questions, tok, start, args.max_len, args.answer_cue, name)
+    for name, reqs in inputs["mc"].items():
         mc_parts[name] = (len(requests), len(reqs))
         requests += reqs
     scores = score_sharded(model, requests, args.batch_size, f"scoring {os.path.basename(path)}")
@@ -488,13 +504,8 @@ def evaluate_model(path, texts, benchmarks, prompts, args, device, dtype):
         report["mc"] = {name: mc_metrics(benchmarks[name], scores[a:a + n], tok) for name, (a, n) in mc_parts.items()}
 
     if prompts:
-        template = detect_chat_template(path) if args.chat_template == "auto" else args.chat_template
-        # every rank encodes every prompt, so a bad one stops all ranks alike (none waits in a gather);
-        # a prompt too long for max_len keeps its end: the question and the assistant's cue
-        encoded = [encode_prompt(p, template, tok, f"{args.prompts}: prompt {i + 1}")[-(args.max_len - args.max_new_tokens):]
-                   for i, p in enumerate(prompts)]
-        rank, size = world()
-        mine = {i: ids for i, ids in enumerate(encoded) if i % size == rank}
+        template, rank, size = inputs["template"], *world()
+        mine = {i: ids for i, ids in enumerate(inputs["encoded"]) if i % size == rank}
         gathered = gather_to_rank0(generate_all(model, tok, mine, template, args))
         if gathered is not None:
             completions = sorted(r for part, _ in gathered for r in part)
@@ -515,9 +526,14 @@ def evaluate_model(path, texts, benchmarks, prompts, args, device, dtype):
     return report if is_rank0() else None
 
 
-def column_names(paths):
-    """A column per model: the directory's name, or the path as given when two names collide."""
-    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+def short_names(paths, suffix="", what="file"):
+    """A name per input (a table column, a report key): the file or directory name without `suffix`,
+    or the path as given where two names collide. The same path given twice is an error: its results
+    would silently take one entry."""
+    for p in paths:
+        if paths.count(p) > 1:
+            raise InputError(f"{what} {p} is given twice")
+    names = [os.path.basename(os.path.normpath(p)).removesuffix(suffix) for p in paths]
     return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
 
 
@@ -594,6 +610,12 @@ def parse_args(argv=None):
                    help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
+    for flag in ("batch_size", "max_new_tokens", "max_len"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("max_chars", "max_questions", "max_prompts"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be 0 (all) or more, got {getattr(args, flag)}")
     if not 1 <= args.stride < args.max_len:
         p.error(f"--stride must be in 1..max-len-1 ({args.max_len - 1}), got {args.stride}")
     if args.prompts and args.max_new_tokens >= args.max_len:
@@ -610,27 +632,25 @@ def run(args):
     rank, local_rank, world_size, device = init_distributed()
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     print0(json.dumps(dict(vars(args), world_size=world_size, device=str(device), dtype=dtype)), file=sys.stderr)
-    texts = {}
-    for path in args.text:
-        texts[path if os.path.basename(path) in texts else os.path.basename(path)] = read_text(path, args.max_chars)
-    benchmarks = {}
-    for path in args.mc:
-        name = os.path.basename(path).removesuffix(".jsonl")
-        benchmarks[path if name in benchmarks else name] = read_benchmark(path, args.max_questions)
+    # every input is read and checked, on every rank, before the first (maybe long) evaluation:
+    # a bad one stops all ranks alike (none is left waiting in a collective)
+    if args.out and not os.access(os.path.dirname(os.path.abspath(args.out)), os.W_OK):
+        raise InputError(f"--out {args.out}: its directory does not exist or is not writable")
+    texts = {name: read_text(path, args.max_chars) for name, path in zip(short_names(args.text), args.text)}
+    benchmarks = {name: read_benchmark(path, args.max_questions)
+                  for name, path in zip(short_names(args.mc, ".jsonl"), args.mc)}
     prompts = read_prompts(args.prompts, args.max_prompts) if args.prompts else []
-    for path in args.models:                         # fail before the first (maybe long) evaluation
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise InputError(f"model {path}: no config.json (expected a Hugging Face model directory)")
-        check_tokenizer(path)
+    names = short_names(args.models, what="model")
+    inputs = [tokenized_inputs(path, benchmarks, prompts, args) for path in args.models]
 
-    reports = [evaluate_model(path, texts, benchmarks, prompts, args, device, dtype) for path in args.models]
+    reports = [evaluate_model(path, model_inputs, texts, benchmarks, prompts, args, device, dtype)
+               for path, model_inputs in zip(args.models, inputs)]
     if not is_rank0():
         return None
-    names = column_names(args.models)
     report = dict(args=dict(vars(args), world_size=world_size, dtype=dtype), models=dict(zip(names, reports)))
+    print(markdown_table(reports, names, args.script), flush=True)
     if args.out:
         write_json_atomic(args.out, report)
-    print(markdown_table(reports, names, args.script), flush=True)
     return report
 
 

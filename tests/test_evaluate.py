@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -338,7 +339,9 @@ def test_generation_equals_transformers_greedy(tmp_path, llama):
         assert c["new_tokens"] == len(out)
         assert c["purity"] == language_purity(c["completion"])
     assert g["new_tokens"] == new_tokens and g["chars"] == sum(len(c["completion"]) for c in g["completions"])
-    assert g["tokens_per_s"] > 0 and g["chars_per_s"] / g["tokens_per_s"] == pytest.approx(g["chars"] / new_tokens)
+    assert g["seconds"] > 0
+    assert g["tokens_per_s"] == pytest.approx(new_tokens / g["seconds"])
+    assert g["chars_per_s"] == pytest.approx(g["chars"] / g["seconds"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,6 +400,58 @@ def test_bad_input_is_one_clear_message(tmp_path, llama, capsys):
         parse_args(["--models", path, "--text", str(text), "--max-len", "64", "--stride", "64"])
     with pytest.raises(SystemExit):
         parse_args(["--models", path, "--text", str(text), "--script", "Klingon"])
+    for flag, value in (("--batch-size", 0), ("--batch-size", -1), ("--max-new-tokens", 0), ("--max-prompts", -1),
+                        ("--max-questions", -1), ("--max-chars", -1)):
+        with pytest.raises(SystemExit):
+            parse_args(["--models", path, "--text", str(text), flag, str(value)])
+
+
+def test_a_later_models_bad_input_stops_the_run_before_any_evaluation(tmp_path, llama, monkeypatch, capsys):
+    """Everything that needs only a tokenizer is checked for every model before the first is loaded:
+    a run of several 7B models must not fail after hours on the input of the last one."""
+    import shutil
+    path, _, _ = llama
+    mistral = tmp_path / "mistral"            # the same model with an [INST] chat template
+    shutil.copytree(path, mistral)
+    (mistral / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '[INST] ' }}"}))
+    small = tmp_path / "small"                # an embedding with fewer rows than its tokenizer has tokens
+    shutil.copytree(path, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps(dict(config, vocab_size=100)))
+    two_users = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                                 {"role": "user", "content": "b"}]}])
+    text = tmp_path / "t.txt"
+    text.write_text(RU, encoding="utf-8")
+    loaded = []
+    monkeypatch.setattr(evaluate.Transformer, "from_pretrained", staticmethod(lambda *a, **k: loaded.append(a)))
+    for argv, message in (
+            (["--models", path, mistral, "--prompts", two_users],
+             re.escape(f"p.jsonl: prompt 1 (model {mistral}): ") + ".*alternate"),
+            (["--models", path, small, "--text", text],
+             re.escape(f"model {small}: the tokenizer has ") + r"\d+ tokens but the embedding only 100 rows"),
+            (["--models", path, path, "--text", text], re.escape(f"model {path} is given twice")),
+            (["--models", path, "--text", text, text], re.escape(f"file {text} is given twice")),
+            (["--models", path, "--text", text, "--out", tmp_path / "no_dir" / "r.json"],
+             "no_dir/r.json: its directory does not exist")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(list(map(str, argv)))
+        assert e.value.code == 2
+        assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+    assert not loaded
+
+
+def test_two_texts_with_one_name_keep_both(tmp_path, llama, monkeypatch):
+    """sub/t.txt and t.txt share a name: each is keyed by its path, neither result replaces the other."""
+    path, _, _ = llama
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("sub")
+    ru, en = os.path.join("sub", "t.txt"), "t.txt"
+    for name, text in ((ru, RU), (en, EN)):
+        with open(name, "w", encoding="utf-8") as f:
+            f.write(text)
+    texts = run(evaluate_args([path], "--text", ru, en))["models"]["llama"]["texts"]
+    assert sorted(texts) == sorted([ru, en])
+    assert texts[ru]["chars"] == len(RU) and texts[en]["chars"] == len(EN)
 
 
 # ------------------------------------------------------------------------------------------------
