@@ -730,18 +730,19 @@ def parse_args(argv=None):
     d.add_argument("--chat-template", choices=sorted(nano.CHAT_TEMPLATES), default=None,
                    help="default as sft.py's auto: the teacher's own template, else chatml when its tokenizer "
                         "has the tokens or it is a Qwen, else mistral")
-    d.add_argument("--max-len", type=int, default=1024, help="longest conversation in tokens (sft.py's --seq-len)")
+    d.add_argument("--max-len", type=nano.at_least(1), default=1024,
+                   help="longest conversation in tokens (sft.py's --seq-len)")
     d.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
                    help="a longer conversation: drop it, or keep its first --max-len tokens (as sft.py)")
     d.add_argument("--positions", choices=("supervised", "all"), default="supervised",
                    help="store the positions that predict an assistant token (what sft.py trains on), or every position")
     # store
-    d.add_argument("--top-k", type=int, default=100, help="teacher log-probs kept per position (seed 003: 100)")
-    d.add_argument("--chunk-conversations", type=int, default=1024,
+    d.add_argument("--top-k", type=nano.at_least(1), default=100, help="teacher log-probs kept per position (seed 003: 100)")
+    d.add_argument("--chunk-conversations", type=nano.at_least(1), default=1024,
                    help="conversations per chunk: the unit a rank writes atomically and a resumed dump skips")
     # throughput
-    d.add_argument("--pack-len", type=int, default=4096, help="tokens per packed sequence in a teacher forward")
-    d.add_argument("--batch-size", type=int, default=4, help="packed sequences per teacher forward")
+    d.add_argument("--pack-len", type=nano.at_least(1), default=4096, help="tokens per packed sequence in a teacher forward")
+    d.add_argument("--batch-size", type=nano.at_least(1), default=4, help="packed sequences per teacher forward")
     d.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="teacher weights (default: bfloat16 on CUDA, float32 on CPU); log-softmax is fp32 always")
 
@@ -751,49 +752,54 @@ def parse_args(argv=None):
     t.add_argument("--student", required=True, help="student model directory (HF format), same tokenizer as the teacher")
     t.add_argument("--store", required=True, help="a store written by `distill.py dump`")
     t.add_argument("--out", required=True, help="run directory: final model, checkpoints/, metrics.jsonl, args.json")
-    t.add_argument("--eval-conversations", type=int, default=0,
+    t.add_argument("--eval-conversations", type=nano.at_least(0), default=0,
                    help="hold out the store's last N conversations: held-out CE and KL to the teacher")
     t.add_argument("--eval-store", default=None, help="a store of held-out conversations (instead of --eval-conversations)")
     # distillation (seed 003)
-    t.add_argument("--kd-weight", type=float, default=0.2, help="λ in CE + λ·w·KD (seed 003: 0.2)")
+    t.add_argument("--kd-weight", type=nano.at_least(0.0, float), default=0.2, help="λ in CE + λ·w·KD (seed 003: 0.2)")
     t.add_argument("--kd-tail", choices=("bucket", "renorm"), default="bucket",
                    help="KL over the top-k plus a bucket with each side's remaining mass, or over the top-k renormalised")
     t.add_argument("--kd-weighting", choices=("seed", "slim", "constant"), default="seed",
                    help="w: seed 003's clamp(1 - exp(-s/(t+ε)), 0, 1), SLIM's 1 - exp(-p_t/p_s), or 1")
     t.add_argument("--temperature", type=float, default=1.0, help="T of the KL (the KD term is scaled by T²)")
-    t.add_argument("--seed-eps", type=float, default=1e-6, help="ε in the seed weighting")
+    t.add_argument("--seed-eps", type=nano.at_least(0.0, float), default=1e-6, help="ε in the seed weighting")
     # full fine-tuning or LoRA (as sft.py)
-    t.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning (seed 003: 128)")
+    t.add_argument("--lora-rank", type=nano.at_least(0), default=0, help="LoRA rank; 0 = full fine-tuning (seed 003: 128)")
     t.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α; the update is scaled by α/r (seed 003: 128-512)")
     t.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated linear layers to adapt")
     t.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
     # optimisation
-    t.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    t.add_argument("--epochs", type=int, default=3, help="passes over the store (sft.py: Vikhr Table 5)")
-    t.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
-    t.add_argument("--batch-size", type=int, default=3, help="packed sequences per micro-batch per rank")
-    t.add_argument("--grad-accum", type=int, default=64, help="micro-batches per optimizer step per rank")
-    t.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence")
-    t.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in optimizer steps")
-    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at this fraction of --lr")
+    t.add_argument("--lr", type=nano.at_least(0.0, float), default=1e-5, help="peak learning rate")
+    t.add_argument("--epochs", type=nano.at_least(1), default=3, help="passes over the store (sft.py: Vikhr Table 5)")
+    t.add_argument("--max-steps", type=nano.at_least(0), default=0,
+                   help="stop after this many optimizer steps (0: all epochs)")
+    t.add_argument("--batch-size", type=nano.at_least(1), default=3, help="packed sequences per micro-batch per rank")
+    t.add_argument("--grad-accum", type=nano.at_least(1), default=64, help="micro-batches per optimizer step per rank")
+    t.add_argument("--seq-len", type=nano.at_least(1), default=1024, help="tokens per packed sequence")
+    t.add_argument("--warmup-steps", type=nano.at_least(0), default=0, help="linear warmup, in optimizer steps")
+    t.add_argument("--min-lr-ratio", type=nano.at_least(0.0, float), default=0.1,
+                   help="cosine decay ends at this fraction of --lr")
     t.add_argument("--beta1", type=float, default=0.99, help="AdamW β1")
     t.add_argument("--beta2", type=float, default=0.95, help="AdamW β2")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    t.add_argument("--weight-decay", type=nano.at_least(0.0, float), default=0.0, help="AdamW weight decay")
+    t.add_argument("--grad-clip", type=nano.at_least(0.0, float), default=1.0, help="clip the gradient norm (0: off)")
     nano.add_scale_arguments(t)                                    # --fsdp, --cpu-offload, --compile, ...
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="student weight dtype (on CUDA the matmuls run in bf16 autocast either way)")
     t.add_argument("--seed", type=int, default=0, help="data order, dropout, adapter init")
     # logging and checkpoints
-    t.add_argument("--log-every", type=int, default=1, help="steps between metrics.jsonl lines")
-    t.add_argument("--eval-every", type=int, default=50, help="held-out evaluation every N steps (and at start and end)")
-    t.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
-    t.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    t.add_argument("--log-every", type=nano.at_least(1), default=1, help="steps between metrics.jsonl lines")
+    t.add_argument("--eval-every", type=nano.at_least(0), default=50,
+                   help="held-out evaluation every N steps (and at start and end)")
+    t.add_argument("--save-every", type=nano.at_least(0), default=200, help="checkpoint every N steps (0: only at the end)")
+    t.add_argument("--keep", type=nano.at_least(1), default=2, help="checkpoints kept")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     args = parser.parse_args(argv)
     if args.command == "train":
         nano.check_scale_arguments(t, args)
+        if args.temperature <= 0:
+            t.error(f"--temperature must be positive, got {args.temperature}")
     return args
 
 

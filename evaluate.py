@@ -49,8 +49,8 @@ import unicodedata
 import torch
 from tqdm import tqdm
 
-from model import (CHAT_TEMPLATES, Config, Transformer, chat_prompt, close_distributed, generate, init_distributed,
-                   is_rank0, load_tokenizer, print0, write_json_atomic)
+from model import (CHAT_TEMPLATES, Config, Transformer, at_least, chat_prompt, close_distributed, generate,
+                   init_distributed, is_rank0, load_tokenizer, print0, write_json_atomic)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -584,20 +584,21 @@ def parse_args(argv=None):
     p.add_argument("--prompts", default=None, help=".txt (a prompt per line) or .jsonl (prompt / messages / "
                                                    "instruction) prompts to generate from")
     # how much of it
-    p.add_argument("--max-chars", type=int, default=100_000, help="score only the first N characters of each text (0 = all)")
-    p.add_argument("--max-questions", type=int, default=0, help="first N questions of each benchmark (0 = all)")
-    p.add_argument("--max-prompts", type=int, default=0, help="first N prompts (0 = all)")
+    p.add_argument("--max-chars", type=at_least(0), default=100_000,
+                   help="score only the first N characters of each text (0 = all)")
+    p.add_argument("--max-questions", type=at_least(0), default=0, help="first N questions of each benchmark (0 = all)")
+    p.add_argument("--max-prompts", type=at_least(0), default=0, help="first N prompts (0 = all)")
     # scoring
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per scored window (and longest prompt + answer)")
-    p.add_argument("--stride", type=int, default=512, help="sliding window step in tokens: each token sees "
+    p.add_argument("--max-len", type=at_least(1), default=1024, help="tokens per scored window (and longest prompt + answer)")
+    p.add_argument("--stride", type=at_least(1), default=512, help="sliding window step in tokens: each token sees "
                                                            "at least max-len - stride tokens of context")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (scoring and generation)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="sequences per forward pass (scoring and generation)")
     p.add_argument("--answer-cue", default="Answer:", help="line after a question, before the choice or letter "
                                                           "(e.g. 'Ответ:')")
     # generation
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128, help="tokens generated per prompt at most")
+    p.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=at_least(1), default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much probability")
     p.add_argument("--chat-template", default="auto", choices=("auto", *CHAT_TEMPLATES, "plain"),
                    help="how chat prompts are rendered (model.py's templates); auto: the model's own template "
@@ -610,12 +611,6 @@ def parse_args(argv=None):
                    help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
-    for flag in ("batch_size", "max_new_tokens", "max_len"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("max_chars", "max_questions", "max_prompts"):
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be 0 (all) or more, got {getattr(args, flag)}")
     if not 1 <= args.stride < args.max_len:
         p.error(f"--stride must be in 1..max-len-1 ({args.max_len - 1}), got {args.stride}")
     if args.prompts and args.max_new_tokens >= args.max_len:

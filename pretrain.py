@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (Config, Transformer, adamw, add_scale_arguments, cast_weights, check_scale_arguments,
+from model import (Config, Transformer, adamw, add_scale_arguments, at_least, cast_weights, check_scale_arguments,
                    checkpointed_chunks, clip_gradients, close_distributed, gpu_peak_flops, init_distributed,
                    jsonl_texts, latest_checkpoint, load_optimizer_state, load_placement, load_tokenizer,
                    load_trainer_state, lr_at, metrics_logger, parallelize, rename_durably, save_checkpoint,
@@ -64,10 +64,10 @@ def parse_args(argv=None):
                         "directories of them; each PATH is one source, sampled in proportion to WEIGHT (default 1)")
     p.add_argument("--eval-data", nargs="*", default=[], metavar="PATH",
                    help="sources only evaluated, never trained on (e.g. English while training on Russian)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row (default %(default)s)")
+    p.add_argument("--seq-len", type=at_least(1), default=1024, help="tokens per packed row (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.01,
                    help="the last this fraction of every file's tokens is held out (default %(default)s)")
-    p.add_argument("--eval-tokens", type=int, default=131072,
+    p.add_argument("--eval-tokens", type=at_least(1), default=131072,
                    help="held-out tokens per source scored for bits per byte (default %(default)s)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where tokenized corpora are cached (default: token_cache/ next to --out)")
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenize-only", action="store_true",
                    help="fill the token cache and exit (e.g. once before a multi-node torchrun)")
     # KL to the reference (Vikhr Eq. 1)
-    p.add_argument("--kl-weight", type=float, default=1.0,
+    p.add_argument("--kl-weight", type=at_least(0.0, float), default=1.0,
                    help="β in CE + β·KL; 0 turns the term off (default %(default)s)")
     p.add_argument("--kl-ref", metavar="DIR",
                    help="frozen reference model, held in the compute dtype (default: the starting --model); its "
@@ -87,24 +87,25 @@ def parse_args(argv=None):
     # optimisation (defaults: Vikhr Table 3)
     p.add_argument("--train-only", default="all", choices=["all", "embeddings"],
                    help="train all weights (default), or only embed_tokens and lm_head")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default %(default)s)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+    p.add_argument("--lr", type=at_least(0.0, float), default=1e-3, help="peak learning rate (default %(default)s)")
+    p.add_argument("--min-lr-ratio", type=at_least(0.0, float), default=0.1,
                    help="cosine decay ends at this fraction of --lr (default %(default)s)")
-    p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, optimiser steps (default %(default)s)")
-    p.add_argument("--max-steps", type=int,
+    p.add_argument("--warmup-steps", type=at_least(0), default=10,
+                   help="linear warmup, optimiser steps (default %(default)s)")
+    p.add_argument("--max-steps", type=at_least(1),
                    help="optimiser steps (default: one pass over the training tokens of all sources)")
-    p.add_argument("--batch-size", type=int, default=3, help="rows per micro-batch, per GPU (default %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=128,
+    p.add_argument("--batch-size", type=at_least(1), default=3, help="rows per micro-batch, per GPU (default %(default)s)")
+    p.add_argument("--grad-accum", type=at_least(1), default=128,
                    help="micro-batches per optimiser step, per GPU; global batch = GPUs × this × --batch-size rows "
                         "(default %(default)s)")
     p.add_argument("--beta1", type=float, default=0.99, help="AdamW β1 (default %(default)s)")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW β2 (default %(default)s)")
     p.add_argument("--eps", type=float, default=1e-8, help="AdamW ε (default %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
+    p.add_argument("--weight-decay", type=at_least(0.0, float), default=0.0,
                    help="AdamW weight decay on matrices; not given in Vikhr Table 3 (default %(default)s)")
-    p.add_argument("--grad-clip", type=float, default=1.0,
+    p.add_argument("--grad-clip", type=at_least(0.0, float), default=1.0,
                    help="clip the global gradient norm to this; 0 = off (default %(default)s)")
-    p.add_argument("--loss-chunk", type=int, default=1024,
+    p.add_argument("--loss-chunk", type=at_least(1), default=1024,
                    help="positions whose fp32 logits exist at once in the loss (default %(default)s)")
     # system
     add_scale_arguments(p)                # --fsdp (the reference is sharded too), --cpu-offload, --compile, ...
@@ -112,13 +113,13 @@ def parse_args(argv=None):
     # output and logging
     p.add_argument("--out", required=True, metavar="DIR",
                    help="run directory: final model (HF format), checkpoints/, metrics.jsonl, args.json")
-    p.add_argument("--log-every", type=int, default=1, help="optimiser steps between log lines (default %(default)s)")
-    p.add_argument("--eval-every", type=int, default=100,
+    p.add_argument("--log-every", type=at_least(1), default=1, help="optimiser steps between log lines (default %(default)s)")
+    p.add_argument("--eval-every", type=at_least(0), default=100,
                    help="optimiser steps between held-out evaluations; 0 = at the start and end only "
                         "(default %(default)s)")
-    p.add_argument("--save-every", type=int, default=500,
+    p.add_argument("--save-every", type=at_least(0), default=500,
                    help="optimiser steps between checkpoints; 0 = none (default %(default)s)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default %(default)s)")
+    p.add_argument("--keep-checkpoints", type=at_least(1), default=2, help="newest checkpoints kept (default %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out: weights, optimiser, schedule, "
                         "data position, RNG")

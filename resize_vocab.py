@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from model import Transformer, read_generation_config
+from model import Transformer, at_least, read_generation_config
 from tokenizer import (SentencePieceTokenizer, byte_level_alphabet, load_sp_proto, load_tokenizer, sp_model_pb2,
                        write_hf_tokenizer_files)
 
@@ -52,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output model directory (replaced if it exists)")
     p.add_argument("--mode", choices=("replace", "extend"), default="replace",
                    help="replace: the new tokenizer's vocabulary; extend: the base's, plus the new pieces it lacks")
-    p.add_argument("--pad-to-multiple", type=int, default=64, help="pad the embedding rows to a multiple of this")
-    p.add_argument("--examples", type=int, default=10, help="averaged tokens shown in the report")
+    p.add_argument("--pad-to-multiple", type=at_least(1), default=64, help="pad the embedding rows to a multiple of this")
+    p.add_argument("--examples", type=at_least(0), default=10, help="averaged tokens shown in the report")
     return p.parse_args(argv)
 
 

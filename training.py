@@ -4,6 +4,7 @@ the chunked loss head and the flags for scale.
 
 Split out of model.py, which re-exports these names, so the training scripts import them from model.
 """
+import argparse
 import contextlib
 import json
 import math
@@ -213,6 +214,19 @@ def gpu_peak_flops(device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in GPU_PEAK_BF16_FLOPS if key in name), None)
+
+
+def at_least(low, kind=int):
+    """argparse type for a number that must be >= low (a count, a rate, "0 = off"): a bad value is
+    argparse's own error naming the flag ("argument --batch-size: must be at least 1, got 0"), before
+    anything is loaded, rather than a ZeroDivisionError after the first training step."""
+    def parse(text):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__          # argparse's message for a non-number: "invalid int value: 'x'"
+    return parse
 
 
 def add_scale_arguments(p):

@@ -520,6 +520,34 @@ def test_fsdp_sharded_checkpoint_resumes(corpus, base, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # bad input: one clear message
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script, argv, flag, value, message", [
+    ("pretrain", ["--model", "m", "--data", "d", "--out", "o"], "--batch-size", "0", "must be at least 1, got 0"),
+    ("pretrain", ["--model", "m", "--data", "d", "--out", "o"], "--log-every", "0", "must be at least 1, got 0"),
+    ("pretrain", ["--model", "m", "--data", "d", "--out", "o"], "--lr", "-0.001", "must be at least 0.0, got -0.001"),
+    ("pretrain", ["--model", "m", "--data", "d", "--out", "o"], "--grad-accum", "two", "invalid int value: 'two'"),
+    ("sft", ["--model", "m", "--data", "d", "--out", "o"], "--log-every", "0", "must be at least 1, got 0"),
+    ("sft", ["--model", "m", "--data", "d", "--out", "o"], "--keep", "0", "must be at least 1, got 0"),
+    ("distill", ["train", "--student", "s", "--store", "x", "--out", "o"], "--grad-accum", "0", "must be at least 1"),
+    ("distill", ["train", "--student", "s", "--store", "x", "--out", "o"], "--temperature", "0", "must be positive"),
+    ("distill", ["dump", "--teacher", "t", "--data", "d", "--out", "o"], "--pack-len", "-3", "must be at least 1"),
+    ("resize_vocab", ["--model", "m", "--tokenizer", "t", "--out", "o"], "--pad-to-multiple", "0", "at least 1"),
+    ("evaluate", ["--models", "m", "--text", "t"], "--max-prompts", "-1", "must be at least 0, got -1"),
+])
+def test_numeric_flags_are_refused_before_anything_runs(script, argv, flag, value, message, capsys):
+    """A count of 0 or a negative rate is argparse's error naming the flag, not a ZeroDivisionError
+    (--log-every 0) or an empty loop after the model is loaded; a valid value comes back typed."""
+    import importlib
+    parse_args = importlib.import_module(script).parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv + [flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and (flag in err or message == "must be positive")
+    good = "0.5" if flag in ("--lr", "--temperature") else "3"
+    parsed = getattr(parse_args(argv + [flag, good]), flag[2:].replace("-", "_"))
+    assert parsed == (0.5 if good == "0.5" else 3) and type(parsed) is (float if good == "0.5" else int)
+
+
 def test_bad_input(corpus, base, tok_dir, tmp_path):
     def run(*argv, out="out"):
         pretrain.main(["--model", str(base), "--max-steps", "1", *argv,
