@@ -800,6 +800,8 @@ def parse_args(argv=None):
         nano.check_scale_arguments(t, args)
         if args.temperature <= 0:
             t.error(f"--temperature must be positive, got {args.temperature}")
+        if args.eval_store and args.eval_conversations:   # the held-out ones would be neither trained nor scored
+            t.error("--eval-store and --eval-conversations each choose the held-out conversations: give one")
     return args
 
 

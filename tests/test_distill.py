@@ -136,7 +136,8 @@ def test_store_equals_transformers_recomputation(env, teacher, tmp_path):
 # ------------------------------------------------------------------------------------------------
 def random_rows(n=12, V=40, k=6, seed=0, dtype=torch.float64):
     """Student logits and stored teacher arrays made as the dump makes them, from random teacher logits.
-    Half the gold tokens are inside the teacher's top-k, half outside."""
+    Half the gold tokens are inside the teacher's top-k, half outside; every third row's student gives
+    its gold token a negative logit, which the seed weight clamps to 0."""
     g = torch.Generator().manual_seed(seed)
     teacher = 2 * torch.randn(n, V, generator=g, dtype=torch.float64) + 3          # raw logits, log Z != 0
     log_z = teacher.logsumexp(-1)
@@ -145,7 +146,10 @@ def random_rows(n=12, V=40, k=6, seed=0, dtype=torch.float64):
     tail = lp.scatter(1, ids, float("-inf")).logsumexp(-1)
     outside = lp.scatter(1, ids, float("-inf"))
     gold = torch.where(torch.arange(n) % 2 == 0, ids[:, 1], outside.argmax(-1))
-    student = (torch.randn(n, V, generator=g, dtype=torch.float64) + 1.5).to(dtype)
+    student = torch.randn(n, V, generator=g, dtype=torch.float64) + 1.5
+    negative = torch.arange(0, n, 3)
+    student[negative, gold[negative]] = -1.0
+    student = student.to(dtype)
     return dict(logits=student, gold=gold, topk_ids=ids, topk_logprobs=values.half(), tail_logprob=tail.float(),
                 gold_logprob=lp.gather(1, gold[:, None])[:, 0].float(), log_partition=log_z.float())
 
@@ -192,8 +196,8 @@ def test_loss_equals_float64_reference(tail, weighting, T):
     ref = reference_loss(rows, 0.7, T, tail, weighting)
     np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-9, atol=1e-12)
     assert (kd >= -1e-12).all() and ((w >= 0) & (w <= 1)).all()
-    if weighting == "seed":                      # both branches of the clamp and the in-between are exercised
-        assert (w == 0).any() or (w == 1).any()
+    if weighting == "seed":                      # both ends of the clamp and the in-between are exercised
+        assert (w == 0).any() and (w == 1).any() and ((w > 0) & (w < 1)).any()
 
 
 @pytest.mark.parametrize("tail,weighting,T", MODES)
@@ -435,14 +439,35 @@ def test_train_lowers_kl_saves_hf_and_resumes_exactly(env, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lora_trains_only_the_adapter(env, tmp_path):
+def test_lora_trains_only_the_adapter_and_resumes_exactly_with_dropout(env, tmp_path):
+    """LoRA with dropout: only the adapted layers change, and a run resumed from its step-2 checkpoint
+    draws the same dropout masks (reseeded per step) and lands on the same weights."""
     run = str(tmp_path / "lora")
-    distill.main(train_args(env, run, "--max-steps", "2", "--lora-rank", "4", "--lora-alpha", "8",
-                            "--lora-targets", "q_proj,v_proj", "--kd-tail", "renorm", "--kd-weighting", "slim"))
+    args = train_args(env, run, "--max-steps", "4", "--save-every", "2", "--lora-rank", "4", "--lora-alpha", "8",
+                      "--lora-dropout", "0.3", "--lora-targets", "q_proj,v_proj", "--kd-tail", "renorm",
+                      "--kd-weighting", "slim")
+    distill.main(args)
     base, merged = weights(env["student"]), weights(run)
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
     assert os.path.isfile(os.path.join(run, "adapter", "adapter_model.safetensors"))
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(run, resumed)
+    os.remove(os.path.join(resumed, "model.safetensors"))
+    shutil.rmtree(os.path.join(resumed, "adapter"))
+    distill.main(args[:args.index("--out") + 1] + [resumed] + args[args.index("--out") + 2:] + ["--resume"])
+    a, b = weights(run), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_kinds_of_held_out_conversations_are_refused(env, tmp_path, capsys):
+    """--eval-conversations with --eval-store would drop the store's last N from training and score
+    the other store: N conversations neither trained on nor held out."""
+    with pytest.raises(SystemExit):
+        distill.parse_args(train_args(env, str(tmp_path / "run"), "--eval-store", env["store"],
+                                      "--eval-conversations", "3"))
+    assert "--eval-store and --eval-conversations" in capsys.readouterr().err
 
 
 def test_save_dtype_rounds_only_the_final_model(env, tmp_path):
