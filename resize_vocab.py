@@ -79,16 +79,22 @@ def append_piece(proto, piece, score, kind):
 
 def carry_over_special_tokens(proto, base_tok):
     """Append the base's special/added tokens that proto lacks, as user-defined pieces (matched literally in
-    text, never split), in the base's id order. Returns the appended texts."""
+    text, never split), in the base's id order. A token with whitespace in it (the runs of spaces some code
+    bases add) is left out: sentencepiece turns spaces into "▁" before it matches user-defined pieces, so
+    tokenizer.model would never produce it while tokenizer.json would. Returns (appended, left out)."""
     P = sp_model_pb2().ModelProto.SentencePiece
     have = {p.piece for p in proto.pieces}
-    added = []
+    added, left_out = [], []
     for text, _ in sorted(base_tok.special_tokens.items(), key=lambda kv: kv[1]):
-        if text not in have:
-            append_piece(proto, text, 0.0, P.USER_DEFINED)
-            have.add(text)
-            added.append(text)
-    return added
+        if text in have:
+            continue
+        if any(ch.isspace() for ch in text):
+            left_out.append(text)
+            continue
+        append_piece(proto, text, 0.0, P.USER_DEFINED)
+        have.add(text)
+        added.append(text)
+    return added, left_out
 
 
 def extend_vocabulary(base_proto, new_proto):
@@ -235,14 +241,15 @@ def resize(args):
                              "extend keeps the base's merges and needs a SentencePiece base, use --mode replace")
         proto = pb2.ModelProto()
         proto.CopyFrom(base_tok.proto)
-        carried = carry_over_special_tokens(proto, base_tok)  # tokens added on top of the base's model
+        carried, left_out = carry_over_special_tokens(proto, base_tok)  # tokens added on top of the base's model
         proto, appended, skipped = extend_vocabulary(proto, new_proto)
         report["extend"] = {"appended": len(appended), "skipped_pieces": skipped}
     else:
         proto = pb2.ModelProto()
         proto.CopyFrom(new_proto)
-        carried = carry_over_special_tokens(proto, base_tok)
+        carried, left_out = carry_over_special_tokens(proto, base_tok)
     report["special_tokens_carried_over"] = carried
+    report["special_tokens_left_out"] = left_out
     unk = proto.pieces[proto.trainer_spec.unk_id].piece
     roles = base_roles(base_tok, unk)
     chat_template, max_len = base_tokenizer_config(args.model)
@@ -322,6 +329,9 @@ def print_report(r):
         print(f"  appended {r['extend']['appended']} pieces to the base vocabulary")
     if r["special_tokens_carried_over"]:
         print(f"  special tokens carried over from the base: {r['special_tokens_carried_over']}")
+    if r["special_tokens_left_out"]:
+        print(f"  base tokens with whitespace in them, left out (sentencepiece cannot match them): "
+              f"{r['special_tokens_left_out']}")
     print(f"  roles: {r['roles']}")
     for ex in r["averaged_examples"]:
         print(f"  {ex['token']!r} = mean of {ex['from']}")

@@ -24,7 +24,9 @@ Encoding semantics, the same for both formats:
     first word is spelled like every other word) is added only at the very start of the text, never
     after a special token: encode("<|im_start|>user") is [<|im_start|>, "user"], not
     [<|im_start|>, "▁user"]. This is what `transformers` does (Metaspace with prepend_scheme="first").
-    `encode_continuation` encodes with no dummy prefix at all (used to spell a piece in another vocabulary).
+    `encode_continuation` encodes text as it continues running text: no dummy prefix, no byte-level
+    prefix space, whitespace kept as written (used to spell a piece in another vocabulary, and a
+    multiple-choice answer after its question).
 
 `write_hf_tokenizer_files` writes a SentencePiece model as tokenizer.model + tokenizer.json +
 tokenizer_config.json + special_tokens_map.json, so that `transformers`' AutoTokenizer encodes exactly as
@@ -156,6 +158,9 @@ class Tokenizer:
     def _decode_plain(self, ids, at_start):
         raise NotImplementedError
 
+    def _encode_continuation(self, text):
+        raise NotImplementedError
+
     def encode(self, text, add_bos=False, add_eos=False):
         """ids of text; special tokens written in the text become their single ids (see the module docstring)."""
         ids = [self.bos_id] if add_bos and self.bos_id is not None else []
@@ -174,7 +179,7 @@ class Tokenizer:
     def encode_continuation(self, text):
         """ids of text as if it continued earlier text: no dummy prefix, no special-token matching.
         " мир" -> ["▁мир"] (not ["▁", "▁мир"]); "ение" -> ["ение"] (not ["▁", "ение"] or ["▁ение"])."""
-        return self._encode_plain(text, at_start=False) if text else []
+        return self._encode_continuation(text) if text else []
 
     def decode(self, ids):
         """text of ids. bos/eos/pad are dropped (as sentencepiece drops control tokens); other special tokens
@@ -269,6 +274,14 @@ class SentencePieceTokenizer(Tokenizer):
         no_prefix.normalizer_spec.add_dummy_prefix = False
         self.sp_no_prefix = sp_processor(no_prefix, self.source)
         self.add_dummy_prefix = proto.normalizer_spec.add_dummy_prefix
+        # a continuation also keeps its whitespace: with remove_extra_whitespaces on (sentencepiece's training
+        # default) " мир" would lose the space that makes it the word-start piece "▁мир"
+        self.sp_continuation = self.sp_no_prefix
+        if proto.normalizer_spec.remove_extra_whitespaces:
+            as_is = pb2.ModelProto()
+            as_is.CopyFrom(no_prefix)
+            as_is.normalizer_spec.remove_extra_whitespaces = False
+            self.sp_continuation = sp_processor(as_is, self.source)
 
         n = self.sp.get_piece_size()
         self.added_pieces = {i: t for t, i in (added_tokens or {}).items() if i >= n}  # ids beyond the model
@@ -294,6 +307,9 @@ class SentencePieceTokenizer(Tokenizer):
     def _decode_plain(self, ids, at_start):
         # at the start, sentencepiece removes the dummy prefix's space again
         return (self.sp if at_start else self.sp_no_prefix).decode(ids)
+
+    def _encode_continuation(self, text):
+        return self.sp_continuation.encode(text)
 
     def id_to_piece(self, i):
         if i in self.added_pieces:
@@ -328,6 +344,11 @@ class JsonTokenizer(Tokenizer):
             self.tok = tokenizers.Tokenizer.from_str(json.dumps(data))
             # the same pipeline with any dummy prefix switched off, for text that does not start the input
             self.tok_no_prefix = tokenizers.Tokenizer.from_str(json.dumps(_without_dummy_prefix(data)))
+            # and for encode_continuation no space in front from a ByteLevel step either (add_prefix_space:
+            # GPT-2-style bases); the library adds that one per segment in running text, so encode keeps it
+            continuation = _without_dummy_prefix(data, byte_level_space=False)
+            self.tok_continuation = (self.tok_no_prefix if continuation == _without_dummy_prefix(data) else
+                                     tokenizers.Tokenizer.from_str(json.dumps(continuation)))
         except Exception as e:
             raise ValueError(f"{path}: `tokenizers` cannot load it ({e})") from e
         vocab = self.tok.get_vocab(with_added_tokens=True)
@@ -346,6 +367,9 @@ class JsonTokenizer(Tokenizer):
     def _decode_plain(self, ids, at_start):
         return (self.tok if at_start else self.tok_no_prefix).decode(ids, skip_special_tokens=False)
 
+    def _encode_continuation(self, text):
+        return self.tok_continuation.encode(text, add_special_tokens=False).ids
+
     def id_to_piece(self, i):
         if i not in self._id_to_piece:
             raise IndexError(f"id {i} out of range (vocab_size {self.vocab_size})")
@@ -355,8 +379,9 @@ class JsonTokenizer(Tokenizer):
         return self.tok.token_to_id(piece)
 
 
-def _without_dummy_prefix(data):
-    """A copy of a tokenizer.json dict whose pipeline never prepends "▁" (Metaspace or a Prepend normalizer)."""
+def _without_dummy_prefix(data, byte_level_space=True):
+    """A copy of a tokenizer.json dict whose pipeline never prepends "▁" (Metaspace or a Prepend normalizer);
+    with byte_level_space=False, nor a ByteLevel pre-tokenizer's "Ġ" (its add_prefix_space)."""
     data = json.loads(json.dumps(data))
 
     def fix(node):
@@ -364,6 +389,8 @@ def _without_dummy_prefix(data):
             if node.get("type") == "Metaspace":
                 node["prepend_scheme"] = "never"
                 node.pop("add_prefix_space", None)  # pre-0.14 spelling of the same switch
+            if node.get("type") == "ByteLevel" and not byte_level_space:
+                node["add_prefix_space"] = False
             for key in ("normalizers", "pretokenizers"):
                 if isinstance(node.get(key), list):
                     node[key] = [fix(n) for n in node[key] if not (isinstance(n, dict) and n.get("type") == "Prepend")]

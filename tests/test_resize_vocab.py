@@ -1,6 +1,7 @@
 """resize_vocab.py: rows copied bit for bit, averaged rows checked against an independent computation,
 extend mode leaves the base untouched, every edge case and bad input, and the output loads in transformers."""
 import json
+import types
 import warnings
 from pathlib import Path
 
@@ -199,15 +200,17 @@ def test_byte_level_json_base_replace(work, new_tok):
     from tokenizers import Tokenizer
     tok_dir = byte_level_tokenizer(work / "qwen_tok", RU + EN, 400)
     base_dir = make_model_dir(work / "qwen_base", "qwen2", [tok_dir / "tokenizer.json", tok_dir / "tokenizer_config.json"],
-                              400, bos_token_id=None, eos_token_id=2, pad_token_id=0)
-    # ids that only generation_config.json holds (base ids: 0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>)
+                              400, bos_token_id=None, eos_token_id=[2, 0], pad_token_id=0)
+    # ids that only generation_config.json holds (base ids: 0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>);
+    # its bos is a byte-level merge the new vocabulary has no piece for: dropped, not left pointing elsewhere
+    merged = max(Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab().values())
     gen_path = base_dir / "generation_config.json"
-    gen_path.write_text(json.dumps({**json.loads(gen_path.read_text()), "bos_token_id": 0, "eos_token_id": [2, 0],
-                                    "decoder_start_token_id": 1}))
+    gen_path.write_text(json.dumps({**json.loads(gen_path.read_text()), "bos_token_id": merged,
+                                    "eos_token_id": [2, 0], "decoder_start_token_id": 1}))
     out = work / "qwen_out"
     run("--model", base_dir, "--tokenizer", new_tok, "--out", out)
     gen = json.loads((out / "generation_config.json").read_text())
-    assert (gen["bos_token_id"], gen["decoder_start_token_id"], gen["pad_token_id"]) == (600, 3, 600)
+    assert "bos_token_id" not in gen and (gen["decoder_start_token_id"], gen["pad_token_id"]) == (3, 600)
     assert gen["eos_token_id"] == [4, 600]              # the stop list, remapped (it holds config.json's eos)
     base, model = Transformer.from_pretrained(base_dir), Transformer.from_pretrained(out)
     W0, W1 = base.model.embed_tokens.weight, model.model.embed_tokens.weight
@@ -229,11 +232,24 @@ def test_byte_level_json_base_replace(work, new_tok):
             ids = hf.encode(p.replace("▁", " "), add_special_tokens=False).ids
             torch.testing.assert_close(W1[i], W0[ids].mean(0), rtol=0, atol=1e-6)
     cfg = model.config
-    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (None, 4, 600)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (None, [4, 600], 600)   # a list, remapped
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["pad_token"]) == (None, "<|im_end|>", "<|endoftext|>")
     assert tok_cfg["add_bos_token"] is False and "<|im_start|>" in tok_cfg["chat_template"]
     assert "Qwen2Tokenizer" in json.loads((out / "resize_vocab.json").read_text())["note"]
+
+
+def test_carried_over_tokens_keep_the_base_order_and_leave_out_whitespace(base_sp):
+    """The base's special tokens the new vocabulary lacks are appended in the base's id order (not by
+    text); one with whitespace in it is left out: sentencepiece could never match it."""
+    from tokenizer import load_sp_proto
+    base = types.SimpleNamespace(special_tokens={"<s>": 1, "<|z_last|>": 9, "    ": 7, "<|a_first|>": 5,
+                                                 "<|end of text|>": 6})
+    proto = load_sp_proto(base_sp / "tokenizer.model")
+    n = len(proto.pieces)
+    appended, left_out = resize_vocab.carry_over_special_tokens(proto, base)
+    assert appended == ["<|a_first|>", "<|z_last|>"] and left_out == ["<|end of text|>", "    "]
+    assert [p.piece for p in proto.pieces[n:]] == appended
 
 
 def test_bad_inputs_leave_nothing(work, new_tok, mistral_base, base_sp):

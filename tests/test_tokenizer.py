@@ -9,7 +9,7 @@ import sentencepiece as spm
 import train_tokenizer
 from tokenizer import (JsonTokenizer, SentencePieceTokenizer, jsonl_records, jsonl_texts, load_tokenizer,
                        write_hf_tokenizer_files)
-from tokenizer_samples import EN, PARAGRAPH, RU, sp_without_dummy_prefix, train_sp, write_corpus
+from tokenizer_samples import EN, PARAGRAPH, RU, byte_level_tokenizer, sp_without_dummy_prefix, train_sp, write_corpus
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 LLAMA2 = SHARED / "base_tokenizers" / "llama2-32k-bpe.model"
@@ -117,6 +117,40 @@ def test_added_tokens_and_roles_from_tokenizer_config(trained, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
     with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token '<nope>' is not in the vocabulary"):
         load_tokenizer(d)
+
+
+def test_continuation_keeps_its_space_where_the_base_collapses_whitespace(tmp_path):
+    """A SentencePiece base with remove_extra_whitespaces on (sentencepiece's training default): " word"
+    continuing running text is the word-start spelling (what the base gives "word" at the start of a
+    text, where the dummy prefix makes it a word start), not the word-internal one of "word"."""
+    from sentencepiece import sentencepiece_model_pb2 as pb2
+    path = train_sp(tmp_path / "collapsing.model", RU + EN, vocab_size=600)
+    proto = pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    proto.normalizer_spec.remove_extra_whitespaces = True
+    path.write_bytes(proto.SerializeToString())
+    word_start = spm.SentencePieceProcessor(model_file=str(path))
+    inside = sp_without_dummy_prefix(path)
+    tok = load_tokenizer(path)
+    words = [w for w in (RU + EN).split() if w.isalpha()][:40]
+    assert any(word_start.encode(w) != inside.encode(w) for w in words)       # the two spellings differ
+    for w in words:
+        assert tok.encode_continuation(" " + w) == word_start.encode(w)
+        assert tok.encode_continuation(w) == inside.encode(w)
+
+
+def test_continuation_has_no_byte_level_prefix_space(tmp_path):
+    """A byte-level base whose pre-tokenizer puts a space in front of the text (add_prefix_space, GPT-2
+    style): the continuation "ение" is spelled without "Ġ" and " ение" with one, as the same tokenizer
+    without add_prefix_space (built with `tokenizers` directly) spells them."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    byte_level_tokenizer(tmp_path, RU + EN, add_prefix_space=True)
+    tok = load_tokenizer(tmp_path)
+    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert tok.encode("ение") != reference.encode("ение").ids                 # at the start: "Ġ" added
+    for text in ("ение", "ого", "ness", " ение", " the", "  два"):
+        assert tok.encode_continuation(text) == reference.encode(text).ids
 
 
 def test_load_errors(tmp_path):

@@ -85,13 +85,14 @@ def sp_without_dummy_prefix(model_path):
     return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
-def byte_level_tokenizer(dir_, text, vocab_size=400):
+def byte_level_tokenizer(dir_, text, vocab_size=400, add_prefix_space=False):
     """A Qwen-style tokenizer.json (byte-level BPE, specials <|endoftext|> <|im_start|> <|im_end|>, no bos),
-    trained with `tokenizers`, plus its tokenizer_config.json."""
+    trained with `tokenizers`, plus its tokenizer_config.json. add_prefix_space: GPT-2 style, a space
+    in front of the text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
