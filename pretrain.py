@@ -147,8 +147,8 @@ def parse_source(spec: str):
         w = float(weight)
     except ValueError:
         return spec, 1.0
-    if not path or not w > 0:
-        raise ValueError(f"--data {spec}: the weight after ':' must be a positive number")
+    if not path or not 0 < w < math.inf:
+        raise ValueError(f"--data {spec}: the weight after ':' must be a positive, finite number")
     return path, w
 
 
@@ -355,14 +355,35 @@ class TokenFile:
         n = len(self.tokens)
         self.n_train = n - int(n * val_fraction)
 
+
+
+class TokenStream:
+    """One range of tokens of each of a source's files, back to back: the stream that rows are cut from.
+    Rows cross file boundaries, so a directory of files each shorter than a row (one article per
+    file) trains like one long file; a file's start is a document start like any other."""
+
+    def __init__(self, files, ranges):
+        self.files, self.ranges = files, ranges                                   # [TokenFile], [(lo, hi)]
+        self.starts = np.cumsum([0] + [hi - lo for lo, hi in ranges])             # (F + 1,) stream position of each
+        self.n_tokens = int(self.starts[-1])
+        self.first_doc = np.cumsum([0] + [len(tf.offsets) for tf in files])     # documents numbered across files
+
     def row(self, start: int, seq_len: int):
-        """Tokens [start, start + T + 1) -> input ids, doc ids, labels, each (T,) int64.
+        """Stream tokens [start, start + T + 1) -> input ids, doc ids, labels, each (T,) int64.
         A label that belongs to another document than its input is -100: no row learns to guess
         the first token of an unrelated document (with a BOS it would be a free guess anyway)."""
-        window = np.asarray(self.tokens[start:start + seq_len + 1], dtype=np.int64)           # (T+1,)
-        doc = np.searchsorted(self.offsets, np.arange(start, start + seq_len + 1), side="right") - 1
+        tokens, docs = [], []
+        f = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pos, end = start, start + seq_len + 1
+        while pos < end:                                                          # each file the row spans
+            tf, lo = self.files[f], self.ranges[f][0] - self.starts[f]            # stream -> file position
+            a, b = lo + pos, lo + min(end, self.starts[f + 1])                    # file tokens [a, b)
+            tokens.append(np.asarray(tf.tokens[a:b], dtype=np.int64))
+            docs.append(self.first_doc[f] + np.searchsorted(tf.offsets, np.arange(a, b), side="right") - 1)
+            pos, f = pos + b - a, f + 1
+        window, doc = np.concatenate(tokens), np.concatenate(docs)                # (T+1,) each
         labels = np.where(doc[1:] == doc[:-1], window[1:], -100)
-        return window[:-1], doc[:-1] - doc[0], labels
+        return window[:-1], np.unique(doc[:-1], return_inverse=True)[1], labels   # doc ids 0, 1, 2, ...
 
 
 def wait_for(path: str, what: str):
@@ -376,10 +397,12 @@ def wait_for(path: str, what: str):
         waited += 1
 
 
-def load_sources(specs, tok, args, writer: bool, with_weights=True):
-    """--data specs -> list of (name, [TokenFile], weight), tokenizing files that have no cache yet."""
+def load_sources(specs, tok, args, writer: bool, with_weights=True, names=None):
+    """--data specs -> list of (name, [TokenFile], weight), tokenizing files that have no cache yet.
+    names: the source names already taken (by --data, when loading --eval-data), which a new
+    source's name must not repeat: one name is one line of metrics."""
     tok_fp = tokenizer_fingerprint(args.tokenizer)
-    sources, names = [], set()
+    sources, names = [], names if names is not None else set()
     for spec in specs:
         path, weight = parse_source(spec) if with_weights else (spec, 1.0)
         files = source_files(path)
@@ -403,45 +426,48 @@ def load_sources(specs, tok, args, writer: bool, with_weights=True):
 # ------------------------------------------------------------------------------------------------
 # 3. data: mixing, packing, sharding, the held-out rows
 # ------------------------------------------------------------------------------------------------
+def training_stream(files):
+    return TokenStream(files, [(0, tf.n_train) for tf in files])
+
+
+def held_out_stream(files):
+    return TokenStream(files, [(tf.n_train, len(tf.tokens)) for tf in files])
+
+
 class PackedMixture:
     """Global batches of packed rows drawn from several sources by weight.
 
-    A row of a file is tokens [k·T, k·T + T + 1) of its training range: T inputs and T shifted
-    targets, documents back to back with EOS between them (attention is kept inside each document
-    by the doc ids). Each file's rows are visited in a fresh random order every epoch; a source's
-    weight is shared among its files in proportion to their tokens. The batch of step s depends
-    only on (seed, s, rows taken so far per file), so every rank computes the same global batch and
-    takes its own slice, and a resumed run continues from exactly the same place.
+    A row of a source is tokens [k·T, k·T + T + 1) of its training stream (its files' training
+    ranges back to back): T inputs and T shifted targets, documents back to back with EOS between
+    them (attention is kept inside each document by the doc ids). Each source's rows are visited
+    in a fresh random order every epoch. The batch of step s depends only on (seed, s, rows taken
+    so far per source), so every rank computes the same global batch and takes its own slice, and
+    a resumed run continues from exactly the same place.
     """
 
     def __init__(self, sources, seq_len, seed):
-        self.files, p = [], []
-        for name, files, weight in sources:
-            n_train = [tf.n_train for tf in files]
-            for tf, n in zip(files, n_train):
-                self.files.append(tf)
-                p.append(weight * n / sum(n_train))
-            if sum((n - 1) // seq_len for n in n_train) == 0:
-                raise ValueError(f"source '{name}' ({files[0].path}...) has {sum(n_train)} training tokens, "
+        self.streams = [training_stream(files) for _, files, _ in sources]
+        self.rows_per_source = [(st.n_tokens - 1) // seq_len for st in self.streams]
+        for (name, files, _), st, n_rows in zip(sources, self.streams, self.rows_per_source):
+            if n_rows == 0:
+                raise ValueError(f"source '{name}' ({files[0].path}...) has {st.n_tokens} training tokens, "
                                  f"fewer than one row of --seq-len {seq_len} + 1")
-        self.p = np.asarray(p) / sum(p)
-        self.rows_per_file = [(tf.n_train - 1) // seq_len for tf in self.files]
-        self.p[np.asarray(self.rows_per_file) == 0] = 0        # a file too short for one row is not drawn
+        self.p = np.asarray([weight for _, _, weight in sources], dtype=np.float64)
         self.p /= self.p.sum()
         self.seq_len, self.seed = seq_len, seed
-        self.rows_taken = [0] * len(self.files)                # the data position
-        self._order = {}                                       # file index -> (epoch, permutation)
+        self.rows_taken = [0] * len(sources)                   # the data position
+        self._order = {}                                       # source index -> (epoch, permutation)
 
     def _row_start(self, i, k):
-        epoch, j = divmod(k, self.rows_per_file[i])
+        epoch, j = divmod(k, self.rows_per_source[i])
         if self._order.get(i, (None,))[0] != epoch:
-            perm = np.random.default_rng([self.seed, i, epoch]).permutation(self.rows_per_file[i])
+            perm = np.random.default_rng([self.seed, i, epoch]).permutation(self.rows_per_source[i])
             self._order[i] = (epoch, perm)
         return int(self._order[i][1][j]) * self.seq_len
 
     def global_batch(self, step, n_rows):
-        """The rows of optimiser step `step`: a list of (file index, start token)."""
-        which = np.random.default_rng([self.seed, step]).choice(len(self.files), size=n_rows, p=self.p)
+        """The rows of optimiser step `step`: a list of (source index, start token)."""
+        which = np.random.default_rng([self.seed, step]).choice(len(self.streams), size=n_rows, p=self.p)
         rows = []
         for i in which.tolist():
             rows.append((i, self._row_start(i, self.rows_taken[i])))
@@ -449,8 +475,8 @@ class PackedMixture:
         return rows
 
     def load(self, rows):
-        """[(file index, start)] -> input ids, doc ids, labels, each (B, T) int64 tensors."""
-        parts = [self.files[i].row(start, self.seq_len) for i, start in rows]
+        """[(source index, start)] -> input ids, doc ids, labels, each (B, T) int64 tensors."""
+        parts = [self.streams[i].row(start, self.seq_len) for i, start in rows]
         return [torch.from_numpy(np.stack(x)) for x in zip(*parts)]
 
     def state_dict(self):
@@ -461,16 +487,13 @@ class PackedMixture:
 
 
 def held_out_rows(files, seq_len, max_tokens):
-    """Rows of T+1 tokens from the start of each file's held-out range, shared among the files in
-    proportion to their held-out size, at most max_tokens in all: [(TokenFile, start)]."""
-    per_file = [max(0, (len(tf.tokens) - tf.n_train - 1) // seq_len) for tf in files]
-    budget = max(1, max_tokens // seq_len)
-    total = sum(per_file)
-    rows = []
-    for tf, n in zip(files, per_file):
-        take = min(n, math.ceil(budget * n / total)) if total else 0
-        rows += [(tf, tf.n_train + k * seq_len) for k in range(take)]
-    return rows[:budget]
+    """Rows of T+1 tokens of a source's held-out stream (each file's held-out range, back to back),
+    at most max_tokens in all, spread evenly over the stream so every file has its share:
+    [(TokenStream, start)]."""
+    stream = held_out_stream(files)
+    available = max(0, (stream.n_tokens - 1) // seq_len)
+    take = min(available, max(1, max_tokens // seq_len))
+    return [(stream, k * available // take * seq_len) for k in range(take)]
 
 
 def count_bytes(tok, rows, seq_len):
@@ -478,8 +501,8 @@ def count_bytes(tok, rows, seq_len):
     Decoded one document piece at a time; EOS/BOS decode to nothing. (SentencePiece drops the
     space of a piece's leading "▁" at the start of a decode: at most a byte per piece, ~0.1%.)"""
     n = 0
-    for tf, start in rows:
-        _, doc, labels = tf.row(start, seq_len)
+    for stream, start in rows:
+        _, doc, labels = stream.row(start, seq_len)
         doc_of_label = np.where(labels >= 0, doc, -1)
         for d in np.unique(doc_of_label[doc_of_label >= 0]):
             n += len(tok.decode(labels[doc_of_label == d].tolist()).encode("utf-8"))
@@ -621,7 +644,7 @@ def evaluate_bpb(model, eval_sets, batch_size, seq_len, device, autocast, rank, 
     for s, (_, rows, _) in enumerate(eval_sets):
         for m in range(math.ceil(len(rows) / (batch_size * world))):
             mine = rows[(m * world + rank) * batch_size:(m * world + rank + 1) * batch_size]
-            parts = [tf.row(start, seq_len) for tf, start in (mine or rows[:1])]
+            parts = [stream.row(start, seq_len) for stream, start in (mine or rows[:1])]
             x, d, y = (torch.from_numpy(np.stack(t)).to(device) for t in zip(*parts))
             with autocast:
                 h = model(x, doc_ids=d, return_hidden=True)                   # (B, T, d)
@@ -642,7 +665,8 @@ def rng_state(device):
 
 
 # what fixes the rows of every step: a resumed run must agree on these with its checkpoint
-RESUME_MUST_MATCH = ("data", "seq_len", "seed", "val_fraction", "global_rows")
+RESUME_MUST_MATCH = ("data", "seq_len", "seed", "val_fraction", "global_rows", "data_layout")
+DATA_LAYOUT = "a token stream per source"      # the data position counts rows per source (before: per file)
 
 
 def main(argv=None):
@@ -666,8 +690,9 @@ def train(args):
     if tok.eos_id is None:
         raise ValueError(f"{args.tokenizer}: the tokenizer has no EOS token "
                          "(documents are packed with EOS between them)")
-    train_sources = load_sources(args.data, tok, args, writer=env_local_rank == 0)
-    eval_only = load_sources(args.eval_data, tok, args, writer=env_local_rank == 0, with_weights=False)
+    names = set()
+    train_sources = load_sources(args.data, tok, args, writer=env_local_rank == 0, names=names)
+    eval_only = load_sources(args.eval_data, tok, args, writer=env_local_rank == 0, with_weights=False, names=names)
     if args.tokenize_only:
         log(f"token caches ready in {args.cache_dir}")
         return
@@ -733,12 +758,12 @@ def train(args):
     max_steps = args.max_steps or max(1, train_tokens // (global_rows * T))
 
     # -- resume ------------------------------------------------------------------------------------
-    run_args = {**vars(args), "world_size": world, "global_rows": global_rows, "tokens_per_step": global_rows * T,
+    run_args = {**vars(args), "data_layout": DATA_LAYOUT, "world_size": world, "global_rows": global_rows, "tokens_per_step": global_rows * T,
                 "max_steps": max_steps, "train_tokens": train_tokens, "kl_extend_shared_ids": shared,
                 "eval_sources": {name: {"rows": len(rows), "bytes": n} for name, rows, n in eval_sets}}
     if state is not None:
         for key in RESUME_MUST_MATCH:
-            if state["args"][key] != run_args[key]:
+            if state["args"].get(key) != run_args[key]:
                 raise ValueError(f"--resume: '{key}' was {state['args'][key]!r} in {ckpt}, now {run_args[key]!r}; "
                                  "the data position would not mean the same rows")
         load_optimizer_state(model, optimizer, ckpt)

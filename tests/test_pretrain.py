@@ -209,7 +209,7 @@ def test_token_cache_and_packing(corpus, tok_dir, tmp_path):
 
     # a row across a document boundary: doc ids restart, the label after EOS (next doc's BOS) is masked
     T, b = 32, int(en.offsets[3])
-    x, d, y = en.row(b - 10, T)
+    x, d, y = pretrain.training_stream([en]).row(b - 10, T)
     assert x.tolist() == en.tokens[b - 10:b - 10 + T].tolist()
     assert d.tolist() == [0] * 10 + [1] * 22
     assert x[9] == tok.eos_id and y[9] == -100
@@ -228,6 +228,46 @@ def test_token_cache_and_packing(corpus, tok_dir, tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == len(before) + 2
 
 
+def test_a_directory_of_short_files_is_one_stream(corpus, tok_dir, tmp_path):
+    """One article per file, each shorter than a row: rows run on from one file into the next (a file
+    starts a document), every file trains and is held out in part, and the source keeps its weight."""
+    from model import load_tokenizer
+    tok = load_tokenizer(str(tok_dir))
+    articles = tmp_path / "articles"
+    articles.mkdir()
+    docs = list(pretrain.read_documents(str(corpus / "en.txt")))
+    for k, doc in enumerate(docs[:30]):
+        (articles / f"{k:03d}.txt").write_text(doc + "\n")
+    args = pretrain.parse_args(["--model", "unused", "--data", f"{articles}:1", f"{corpus / 'ru.txt'}:1",
+                                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                                "--tokenizer", str(tok_dir), "--tokenize-workers", "1", "--val-fraction", "0.2"])
+    sources = pretrain.load_sources(args.data, tok, args, writer=True)
+    files = sources[0][1]
+    T = max(len(tf.tokens) for tf in files) + 8                        # every file is shorter than a row
+    data = pretrain.PackedMixture(sources, T, seed=0)
+
+    # the reference: each file's training tokens back to back, a document index per token
+    train = np.concatenate([np.asarray(tf.tokens[:tf.n_train], dtype=np.int64) for tf in files])
+    doc = np.concatenate([np.searchsorted(tf.offsets, np.arange(tf.n_train), side="right") - 1 + 1000 * f
+                          for f, tf in enumerate(files)])
+    assert data.rows_per_source[0] == (len(train) - 1) // T
+    for start in (0, T, 3 * T, (data.rows_per_source[0] - 1) * T):
+        x, d, y = data.streams[0].row(start, T)
+        window, w_doc = train[start:start + T + 1], doc[start:start + T + 1]
+        assert x.tolist() == window[:-1].tolist()
+        assert d.tolist() == (np.unique(w_doc[:-1], return_inverse=True)[1]).tolist()
+        assert y.tolist() == np.where(w_doc[1:] == w_doc[:-1], window[1:], -100).tolist()
+    batches = [data.global_batch(step, 64) for step in range(1, 31)]
+    assert abs(np.mean([i == 0 for b in batches for i, _ in b]) - 0.5) < 0.05   # weighted 1:1
+
+    held = pretrain.held_out_rows(files, T, max_tokens=10 ** 6)
+    stream = held[0][0]
+    assert len(held) == (stream.n_tokens - 1) // T
+    held_tokens = np.concatenate([np.asarray(tf.tokens[tf.n_train:], dtype=np.int64) for tf in files])
+    assert [stream.row(start, T)[0].tolist() for _, start in held] == \
+        [held_tokens[start:start + T].tolist() for _, start in held]
+
+
 def test_mixture_weights_epochs_and_position(corpus, tok_dir, tmp_path):
     from model import load_tokenizer
     tok = load_tokenizer(str(tok_dir))
@@ -240,7 +280,7 @@ def test_mixture_weights_epochs_and_position(corpus, tok_dir, tmp_path):
     files = np.array([i for b in batches for i, _ in b])
     assert abs((files == 0).mean() - 0.75) < 0.03                   # mixed 3:1 by weight
     en_starts = [s for b in batches for i, s in b if i == 0]
-    n_rows = data.rows_per_file[0]
+    n_rows = data.rows_per_source[0]
     assert len(en_starts) > n_rows                                   # more than one epoch of en.txt
     assert sorted(en_starts[:n_rows]) == [k * 32 for k in range(n_rows)]   # each row once per epoch
     # the data position: a fresh mixture restored from the state continues identically
@@ -546,6 +586,20 @@ def test_numeric_flags_are_refused_before_anything_runs(script, argv, flag, valu
     good = "0.5" if flag in ("--lr", "--temperature") else "3"
     parsed = getattr(parse_args(argv + [flag, good]), flag[2:].replace("-", "_"))
     assert parsed == (0.5 if good == "0.5" else 3) and type(parsed) is (float if good == "0.5" else int)
+
+
+def test_an_eval_source_never_takes_a_training_sources_name(corpus, base, tmp_path):
+    """--data c/ru.txt --eval-data other/ru.txt: two held-out numbers under two names, neither lost."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ru.txt").write_text((corpus / "en.txt").read_text())
+    pretrain.main(["--model", str(base), "--data", str(corpus / "ru.txt"), "--eval-data", str(other / "ru.txt"),
+                   "--max-steps", "1", *common_args(tmp_path / "run", tmp_path / "cache")])
+    first = metrics(tmp_path / "run")[0]
+    assert {k for k in first if k.startswith("val_bpb/")} == {"val_bpb/ru", "val_bpb/ru_"}
+    assert first["val_bpb/ru"] != first["val_bpb/ru_"]
+    with pytest.raises(ValueError, match="positive, finite number"):
+        pretrain.parse_source(f"{corpus / 'ru.txt'}:inf")
 
 
 def test_bad_input(corpus, base, tok_dir, tmp_path):
