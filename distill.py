@@ -279,7 +279,7 @@ def tokenize_conversations(paths, tok, template, max_len, overlong="drop", all_p
     """Every conversation of the .jsonl files, rendered and cut exactly as sft.py does
     (model.render_conversations, with its --overlong policy), each with its stored positions.
     Returns ([(ids, positions)], counts {kept, truncated, dropped})."""
-    conversations = [c for path in paths for c in nano.read_conversations(path)]
+    conversations = [c for path in paths for c in nano.read_conversations(path, template)]
     examples, counts = nano.render_conversations(conversations, template, tok, max_len, overlong)
     return [(ids, shifted_positions(mask, all_positions)) for ids, mask in examples], counts
 

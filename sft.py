@@ -97,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-tokens", type=M.at_least(1), default=128, help="max new tokens per sample answer")
     args = p.parse_args(argv)
     M.check_scale_arguments(p, args)
+    if not 0 <= args.val_fraction < 1:
+        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]
     return args
 
@@ -242,9 +244,10 @@ def train(args):
            + (f" (LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers)" if lora else ""))
 
     # -- data --------------------------------------------------------------------------------------
-    conversations = [c for path in args.data for c in M.read_conversations(path)]
+    conversations = [c for path in args.data for c in M.read_conversations(path, args.chat_template)]
     if args.val_data:
-        train_convs, val_convs = conversations, [c for path in args.val_data for c in M.read_conversations(path)]
+        train_convs, val_convs = conversations, [c for path in args.val_data
+                                                 for c in M.read_conversations(path, args.chat_template)]
     else:
         order = list(range(len(conversations)))
         random.Random(args.seed).shuffle(order)

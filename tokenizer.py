@@ -656,10 +656,22 @@ def jsonl_texts(path):
         yield record["text"]
 
 
-def read_conversations(path) -> list:
+def check_roles(messages, template):
+    """The turn order a template can render: Mistral's [INST] needs user/assistant alternating after an
+    optional system message (ChatML renders any order)."""
+    if template == "mistral":
+        first = 1 if messages[0]["role"] == "system" else 0
+        for i, m in enumerate(messages[first:]):
+            if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+                raise ValueError("mistral chat template: after an optional system message, "
+                                 f"roles must alternate user/assistant (turn {i} is {m['role']!r})")
+
+
+def read_conversations(path, template=None) -> list:
     """A .jsonl file of conversations: {"messages": [...]} or Alpaca {"instruction", "input", "output"}
     (the user turn is the instruction, then the input after a blank line when there is one).
-    Blank lines are skipped; errors name the file and line."""
+    Blank lines are skipped; errors name the file and line, also a turn order `template` (when given)
+    cannot render, so one bad record stops the run here with its line, not later without it."""
     conversations = []
     for n, record in jsonl_records(path):
         where = f"{path}:{n}"
@@ -674,6 +686,11 @@ def read_conversations(path) -> list:
             raise ValueError(f"{where}: expected {{\"messages\": [...]}} or Alpaca "
                              f"{{\"instruction\", \"input\", \"output\"}}")
         check_messages(messages, where)
+        if template is not None:
+            try:
+                check_roles(messages, template)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         conversations.append(messages)
     if not conversations:
         raise ValueError(f"{path}: no conversations (empty file)")
@@ -695,11 +712,9 @@ def chat_text_parts(messages, template, bos_token=None, eos_token=None, generati
     elif template == "mistral":
         if eos_token is None:
             raise ValueError("the mistral chat template needs an eos token; the tokenizer has none")
+        check_roles(messages, template)
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
         for i, m in enumerate(messages[1:] if system is not None else messages):
-            if m["role"] != ("user" if i % 2 == 0 else "assistant"):
-                raise ValueError("mistral chat template: after an optional system message, "
-                                 f"roles must alternate user/assistant (turn {i} is {m['role']!r})")
             if m["role"] == "user":
                 content = f"{system}\n\n{m['content']}" if i == 0 and system is not None else m["content"]
                 parts.append((f" [INST] {content} [/INST]", False))

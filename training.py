@@ -152,6 +152,9 @@ def resume_training(ckpt_dir, model, optimizer, lora=False, data_plan=None):
         if key in state.get("data_plan", {}) and state["data_plan"][key] != value:
             raise ValueError(f"--resume: '{key}' was {state['data_plan'][key]!r} in {ckpt_dir}, now {value!r}; "
                              f"step {state['step']} would not mean the same rows")
+    if lora != ("lora" in state):
+        raise ValueError(f"--resume: {ckpt_dir} is a {'LoRA' if 'lora' in state else 'full fine-tuning'} "
+                         f"checkpoint; resume it {'with the same --lora-rank' if 'lora' in state else 'without --lora-rank'}")
     if lora:
         load_lora_state_dict(unwrap(model), state["lora"], ckpt_dir)
     load_optimizer_state(model, optimizer, ckpt_dir)

@@ -567,6 +567,7 @@ def test_fsdp_sharded_checkpoint_resumes(corpus, base, tmp_path):
     ("pretrain", ["--model", "m", "--data", "d", "--out", "o"], "--grad-accum", "two", "invalid int value: 'two'"),
     ("sft", ["--model", "m", "--data", "d", "--out", "o"], "--log-every", "0", "must be at least 1, got 0"),
     ("sft", ["--model", "m", "--data", "d", "--out", "o"], "--keep", "0", "must be at least 1, got 0"),
+    ("sft", ["--model", "m", "--data", "d", "--out", "o"], "--val-fraction", "-0.5", "must be in [0, 1), got -0.5"),
     ("distill", ["train", "--student", "s", "--store", "x", "--out", "o"], "--grad-accum", "0", "must be at least 1"),
     ("distill", ["train", "--student", "s", "--store", "x", "--out", "o"], "--temperature", "0", "must be positive"),
     ("distill", ["dump", "--teacher", "t", "--data", "d", "--out", "o"], "--pack-len", "-3", "must be at least 1"),
@@ -583,7 +584,7 @@ def test_numeric_flags_are_refused_before_anything_runs(script, argv, flag, valu
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in err and (flag in err or message == "must be positive")
-    good = "0.5" if flag in ("--lr", "--temperature") else "3"
+    good = "0.5" if flag in ("--lr", "--temperature", "--val-fraction") else "3"
     parsed = getattr(parse_args(argv + [flag, good]), flag[2:].replace("-", "_"))
     assert parsed == (0.5 if good == "0.5" else 3) and type(parsed) is (float if good == "0.5" else int)
 

@@ -289,6 +289,42 @@ def test_bad_input_names_file_and_line(tmp_path, content, message):
         M.read_conversations(str(path))
 
 
+def test_a_turn_order_the_template_cannot_render_names_file_and_line(tmp_path):
+    """Two user turns in a row: ChatML renders them, Mistral's [INST] cannot; given the template,
+    reading stops at that record's line (sft.py and distill.py read with their template)."""
+    path = tmp_path / "chat.jsonl"
+    two_users = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                              {"role": "assistant", "content": "c"}]}
+    path.write_text('{"instruction": "a", "input": "", "output": "b"}\n' + json.dumps(two_users) + "\n")
+    assert len(M.read_conversations(str(path), "chatml")) == 2
+    with pytest.raises(ValueError, match=r"chat.jsonl:2: mistral chat template: .*alternate"):
+        M.read_conversations(str(path), "mistral")
+    base = make_base(tmp_path / "base", family="llama")
+    with pytest.raises(ValueError, match=r"chat.jsonl:2: mistral chat template"):
+        sft.main(["--model", base, "--data", str(path), "--out", str(tmp_path / "run"), "--chat-template", "mistral"])
+
+
+def test_labels_are_the_next_supervised_token(chat_tokenizers):
+    """make_batch by hand: labels[t] = ids[t + 1] exactly where token t + 1 is supervised, in each packed
+    conversation, IGNORE elsewhere (the answer's first token is learnt, the template after <|im_end|> not)."""
+    tok = chat_tokenizers["chatml"][0]
+    convs = [[{"role": "user", "content": "Привет"}, {"role": "assistant", "content": "Здравствуй"}],
+             [{"role": "user", "content": "Как дела?"}, {"role": "assistant", "content": "Хорошо"},
+              {"role": "user", "content": "А ты?"}, {"role": "assistant", "content": "Тоже"}]]
+    examples = [M.render_chat(c, "chatml", tok) for c in convs]
+    seq_len = sum(len(ids) for ids, _ in examples) + 3
+    ids, labels, doc_ids = sft.make_batch([[0, 1]], examples, seq_len, pad_id=0)
+    expected = []
+    for tokens, mask in examples:
+        expected += [tokens[t + 1] if mask[t + 1] else sft.IGNORE for t in range(len(tokens) - 1)] + [sft.IGNORE]
+    expected += [sft.IGNORE] * 3
+    assert labels[0].tolist() == expected
+    assert ids[0].tolist() == examples[0][0] + examples[1][0] + [0] * 3
+    assert doc_ids[0].tolist() == [0] * len(examples[0][0]) + [1] * len(examples[1][0]) + [2] * 3
+    im_end = tok.special_tokens["<|im_end|>"]
+    assert expected.count(im_end) == 3                    # each answer's end-of-turn token is learnt
+
+
 def test_empty_file_and_alpaca_records(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="empty.jsonl: no conversations"):
@@ -360,6 +396,9 @@ def test_sft_end_to_end_and_resume(tmp_path, mode):
     with pytest.raises(ValueError, match="'seq_len' was 64 .*, now 48; step 2 would not mean the same rows"):
         run_sft(base, data, out, *extra, "--resume", "--seq-len", "48")
     assert json.load(open(out / "args.json"))["seq_len"] == 64          # the refused run wrote nothing
+    other = ["--lora-rank", "4"] if mode == "full" else []
+    with pytest.raises(ValueError, match="is a (full fine-tuning|LoRA) checkpoint; resume it with"):
+        run_sft(base, data, out, *(extra if mode == "full" else extra[:2]), *other, "--resume")
     resumed = run_sft(base, data, out, *extra, "--resume")
     assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]          # no duplicated records
     for r in resumed:
@@ -374,19 +413,24 @@ def test_loss_is_normalised_over_the_global_batch(tmp_path):
     base = make_base(tmp_path / "base", family="qwen2", chat_tokens=True)
     data = write_chat_data(tmp_path / "chat.jsonl")
 
-    def losses(metrics):
-        return [r["loss"] for r in metrics if "loss" in r]
-    one_micro = losses(run_sft(base, data, tmp_path / "a", "--batch-size", "4", "--grad-accum", "1"))
+    def losses(metrics, key="loss"):
+        return [r[key] for r in metrics if key in r]
+    single = run_sft(base, data, tmp_path / "a", "--batch-size", "4", "--grad-accum", "1")
+    one_micro = losses(single)
     four_micro = losses(run_sft(base, data, tmp_path / "b", "--batch-size", "1", "--grad-accum", "4"))
     assert four_micro == pytest.approx(one_micro, rel=1e-5)
 
-    # torchrun, two ranks on CPU (gloo): 2 rows per rank and micro-step, 1 micro-step
-    common = ["--model", base, "--data", data, "--seq-len", "64", "--batch-size", "2", "--grad-accum", "1",
+    # torchrun, two ranks on CPU (gloo): 1 row per rank and micro-step, 2 micro-steps; the held-out rows
+    # are dealt one per rank, so the held-out loss is right only when summed over both
+    common = ["--model", base, "--data", data, "--seq-len", "64", "--batch-size", "1", "--grad-accum", "2",
               "--lr", "3e-3", "--epochs", "1", "--max-steps", "4", "--save-every", "2", "--eval-every", "2",
               "--samples", "0", "--seed", "1"]
     run_script("sft.py", *common, "--out", tmp_path / "ddp", ranks=2)
     ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
     assert losses(ddp) == pytest.approx(one_micro, rel=1e-5)
+    # the gradient too (Adam would hide a gradient scaled by a constant from the losses)
+    assert losses(ddp, "grad_norm") == pytest.approx(losses(single, "grad_norm"), rel=1e-4)
+    assert losses(ddp, "val_loss") == pytest.approx(losses(single, "val_loss"), rel=1e-5)
 
     # FSDP2: weights, gradients and optimizer state sharded over the two ranks, with each layer compiled
     # (inductor) and checkpointed: the same losses
