@@ -5,6 +5,7 @@ Everything runs on a synthetic two-language corpus written here, a SentencePiece
 on it on the spot, and tiny random decoders (2 layers, hidden 64, sequences of 32 tokens).
 """
 import json
+import math
 import os
 import random
 import shutil
@@ -226,6 +227,18 @@ def test_token_cache_and_packing(corpus, tok_dir, tmp_path):
     [(_, [copy], _)] = pretrain.load_sources(args.data, tok, args, writer=True)
     assert tok.decode(copy.tokens.tolist()) == "hello there world"
     assert len(os.listdir(tmp_path / "cache")) == len(before) + 2
+    # another tokenizer (the same pieces, one score changed): the same file gets a cache of its own
+    import shutil
+    from sentencepiece import sentencepiece_model_pb2 as pb2
+    other = tmp_path / "other_tok"
+    shutil.copytree(tok_dir, other)
+    proto = pb2.ModelProto()
+    proto.ParseFromString((other / "tokenizer.model").read_bytes())
+    proto.pieces[-1].score -= 1.0
+    (other / "tokenizer.model").write_bytes(proto.SerializeToString())
+    args.tokenizer = str(other)
+    pretrain.load_sources(args.data, load_tokenizer(str(other)), args, writer=True)
+    assert len(os.listdir(tmp_path / "cache")) == len(before) + 3
 
 
 def test_a_directory_of_short_files_is_one_stream(corpus, tok_dir, tmp_path):
@@ -587,6 +600,72 @@ def test_numeric_flags_are_refused_before_anything_runs(script, argv, flag, valu
     good = "0.5" if flag in ("--lr", "--temperature", "--val-fraction") else "3"
     parsed = getattr(parse_args(argv + [flag, good]), flag[2:].replace("-", "_"))
     assert parsed == (0.5 if good == "0.5" else 3) and type(parsed) is (float if good == "0.5" else int)
+
+
+def test_first_step_loss_and_gradient_equal_a_float64_reference(corpus, base, tok_dir, tmp_path):
+    """Step 1 of pretrain.py (2 micro-batches of 2 packed rows, a KL reference other than the start)
+    against transformers in float64, each document of each row run on its own: CE and KL(P_model ‖
+    P_ref) summed over every valid label of the global batch and divided by their number, and the
+    gradient norm of that. Catches a per-micro-batch mean, a flipped KL and attention across documents."""
+    import transformers
+    ref_dir = make_model(tmp_path / "ref", tok_dir, seed=1)
+    T, kl_weight = 32, 0.5
+    data_args = ["--data", str(corpus / "docs.jsonl"), f"{corpus / 'en.txt'}:2"]
+    pretrain.main(["--model", str(base), "--kl-ref", str(ref_dir), "--kl-weight", str(kl_weight), *data_args,
+                   "--batch-size", "2", "--grad-accum", "2", "--max-steps", "1", "--eval-every", "0",
+                   *common_args(tmp_path / "run", tmp_path / "cache", seq_len=T)])
+    logged = train_steps(tmp_path / "run")[1]
+
+    from model import load_tokenizer
+    args = pretrain.parse_args(["--model", str(base), *data_args, *common_args(tmp_path / "x", tmp_path / "cache", T)])
+    sources = pretrain.load_sources(args.data, load_tokenizer(str(tok_dir)), args, writer=False)
+    rows = pretrain.PackedMixture(sources, T, args.seed).global_batch(1, 4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float64)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(ref_dir), dtype=torch.float64).eval()
+    ce = kl = torch.zeros((), dtype=torch.float64)
+    valid_per_row = []
+    for source, start in rows:
+        [tf] = sources[source][1]
+        window = torch.tensor(np.asarray(tf.tokens[start:start + T + 1], dtype=np.int64))      # (T + 1,)
+        doc = np.searchsorted(tf.offsets, np.arange(start, start + T + 1), side="right") - 1
+        valid_per_row.append(int((doc[1:] == doc[:-1]).sum()))
+        a = 0
+        while a < T:                                   # each document's piece of the row, on its own
+            b = a + 1
+            while b < T and doc[b] == doc[a]:
+                b += 1
+            log_p = model(window[None, a:b]).logits[0].log_softmax(-1)                       # (b - a, V)
+            with torch.no_grad():
+                log_q = ref(window[None, a:b]).logits[0].log_softmax(-1)
+            for t in range(a, b):
+                if doc[t + 1] == doc[t]:               # the next token is in the same document
+                    ce = ce - log_p[t - a, window[t + 1]]
+                    kl = kl + (log_p[t - a].exp() * (log_p[t - a] - log_q[t - a])).sum()
+            a = b
+    n_valid = sum(valid_per_row)
+    assert valid_per_row[0] + valid_per_row[1] != valid_per_row[2] + valid_per_row[3]   # micro-batches differ
+    loss = (ce + kl_weight * kl) / n_valid
+    loss.backward()
+    grad_norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()
+    assert logged["ce"] == pytest.approx((ce / n_valid).item(), rel=1e-5)
+    assert logged["kl"] == pytest.approx((kl / n_valid).item(), rel=1e-4)
+    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert logged["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-4)
+
+    # held-out bits per byte at step 0: the NLL in bits of every scored token over the UTF-8 bytes of
+    # the text those tokens spell (decoded a document piece at a time)
+    tok = load_tokenizer(str(tok_dir))
+    nll, n_bytes = 0.0, 0
+    with torch.no_grad():
+        for stream, start in pretrain.held_out_rows(sources[0][1], T, args.eval_tokens):
+            x, d, y = stream.row(start, T)
+            for doc_id in np.unique(d):
+                piece = np.flatnonzero(d == doc_id)
+                log_p = model(torch.tensor(x[None, piece])).logits[0].log_softmax(-1)
+                scored = y[piece] >= 0
+                nll -= log_p[torch.tensor(scored), torch.tensor(y[piece][scored])].sum().item()
+                n_bytes += len(tok.decode(y[piece][scored].tolist()).encode("utf-8"))
+    assert metrics(tmp_path / "run")[0]["val_bpb/docs"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
 
 
 def test_an_eval_source_never_takes_a_training_sources_name(corpus, base, tmp_path):
