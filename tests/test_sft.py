@@ -406,6 +406,24 @@ def test_sft_end_to_end_and_resume(tmp_path, mode):
             assert r["loss"] == pytest.approx(losses[r["step"]], rel=1e-5), r["step"]
 
 
+def test_every_epoch_trains_every_conversation_once(tmp_path):
+    """Two epochs, conversations packed several to a row: the supervised tokens each epoch's steps
+    count add up to those of all the conversations, rendered here on their own (a dropped last
+    partial step, or a conversation packed twice or never, would not)."""
+    base = make_base(tmp_path / "base", family="llama")
+    data = write_chat_data(tmp_path / "chat.jsonl")
+    out = tmp_path / "run"
+    metrics = run_sft(base, data, out, "--chat-template", "chatml", "--epochs", "2", "--max-steps", "0",
+                      "--val-fraction", "0", "--seq-len", "128", "--save-every", "0", "--samples", "0")
+    examples, counts = M.render_conversations(M.read_conversations(data), "chatml", M.load_tokenizer(out), 128, "drop")
+    assert counts["kept"] == 40
+    supervised = sum(sum(mask) for _, mask in examples)
+    steps = [r for r in metrics if "loss" in r]
+    per_epoch = [sum(r["supervised_tokens"] for r in steps if r["epoch"] == e) for e in (0, 1)]
+    assert per_epoch == [supervised, supervised]
+    assert len(steps) < 20                                 # rows hold several conversations (40 in 4-row steps)
+
+
 def test_loss_is_normalised_over_the_global_batch(tmp_path):
     """The same rows per optimizer step, split into micro-batches differently (and over two ranks):
     the same losses, which holds only when every supervised token of the step weighs the same."""
