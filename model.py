@@ -75,7 +75,8 @@ class Config:
     rope_scaling: dict | None = None       # None, or {"rope_type": "linear"|"llama3", ...}
     max_position_embeddings: int = 4096
     layer_windows: list = field(default_factory=list)  # per layer: sliding window W, or None for full attention
-    qkv_bias: bool = False                 # Qwen2 always; others through `attention_bias`
+    qkv_bias: bool = False                 # Qwen2 always; Llama and Qwen3 through `attention_bias`
+    o_bias: bool = False                   # Llama and Qwen3 through `attention_bias` (never Qwen2, Mistral)
     qk_norm: bool = False                  # Qwen3: RMSNorm on each head of q and k before RoPE
     tie_word_embeddings: bool = False
     torch_dtype: str | None = None
@@ -102,6 +103,21 @@ class Config:
             raise ValueError(f"{source}: mlp_bias=true is not supported")
         n_heads = need("num_attention_heads")
         n_layers = need("num_hidden_layers")
+        # A field left out of config.json gets the family's own default in transformers, which is not
+        # always what the rest of the config implies (Qwen3's head_dim is 128, not hidden / heads;
+        # Mistral's window is 4096, not none). Refused, rather than built into another model than
+        # transformers would read from the same file (real checkpoints write every field).
+        windowed = model_type == "mistral" or (model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"))
+        family_defaults = {"num_key_value_heads": {"mistral": 8, "qwen2": 32, "qwen3": 32}.get(model_type),
+                           "head_dim": 128 if model_type == "qwen3" else None,
+                           "sliding_window": 4096 if windowed else None,
+                           "max_window_layers": 28 if windowed and model_type != "mistral"
+                           and hf.get("layer_types") is None else None}
+        missing = {name: value for name, value in family_defaults.items() if value is not None and name not in hf}
+        if missing:
+            raise ValueError(f"{source}: no {', '.join(repr(n) for n in missing)}; transformers would take "
+                             f"{model_type}'s default{'s' if len(missing) > 1 else ''} "
+                             f"({', '.join(f'{n}={v}' for n, v in missing.items())}), so write the value you mean")
         head_dim = hf.get("head_dim") or need("hidden_size") // n_heads
 
         # RoPE: transformers 5 writes `rope_parameters`; older checkpoints `rope_theta` + `rope_scaling`.
@@ -148,7 +164,8 @@ class Config:
             rope_scaling=scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             layer_windows=windows,
-            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and bool(hf.get("attention_bias"))),
+            o_bias=model_type in ("llama", "qwen3") and bool(hf.get("attention_bias")),
             qk_norm=model_type == "qwen3",
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
@@ -319,7 +336,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -767,21 +784,28 @@ class KVCache:
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
 
+def filter_logits(logits, top_k=None, top_p=None):
+    """logits (B, V) with the tokens top-k and top-p sampling exclude set to -inf (as transformers'
+    TopK and TopP warpers do): top_k keeps the k largest (0 or None: all); top_p keeps the smallest
+    set of most likely tokens whose probability reaches top_p (1 or None: all; the first always)."""
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:                  # (at 1, rounding in the cumsum would drop a tail)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p           # the mass before a token already reaches top_p
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next ids (B,). temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:                    # 0: no top-k filter (as in transformers)
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p            # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -192,11 +192,13 @@ def latest_checkpoint(run_dir):
 
 
 def _complete_checkpoints(root):
-    """Names of the complete step_NNNNNN directories under root, oldest first."""
+    """Names of the complete step_NNNNNN directories under root, oldest first (by step number: the name
+    has a seventh digit from step 1000000 on)."""
     if not os.path.isdir(root):
         return []
-    return sorted(d for d in os.listdir(root) if d.startswith("step_")
-                  and all(os.path.isfile(os.path.join(root, d, f)) for f in ("trainer_state.pt", "config.json")))
+    return sorted((d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit()
+                   and all(os.path.isfile(os.path.join(root, d, f)) for f in ("trainer_state.pt", "config.json"))),
+                  key=lambda d: int(d[5:]))
 
 
 def load_trainer_state(ckpt_dir):
@@ -204,10 +206,11 @@ def load_trainer_state(ckpt_dir):
     return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=True, mmap=True)
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, matched on the device name.
-GPU_PEAK_BF16_FLOPS = [("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12),
-                       ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
-                       ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+# Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, matched on the device name: the first
+# key the name contains, so a longer name comes before its prefix ("L40S", "L40", then "L4").
+GPU_PEAK_BF16_FLOPS = [("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+                       ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+                       ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
                        ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12)]
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from model import Config, KVCache, Transformer, generate
+from model import Config, KVCache, Transformer, filter_logits, generate
 from tiny_models import FAMILIES, make_hf_model, rel_err
 
 
@@ -141,6 +141,27 @@ def test_batched_left_padded_generation_equals_each_alone(tmp_path):
     assert together == alone
 
 
+def test_top_k_and_top_p_keep_what_transformers_keeps():
+    """The tokens filter_logits leaves finite equal those transformers' TopK/TopP warpers leave, on a
+    distribution with exact cut points ([8, 4, 3, 1] / 16: top_p .5 keeps one token, .75 two) and
+    on random logits over a 32k vocabulary, where top_p=1 must keep every token."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    exact = (torch.tensor([[8.0, 4.0, 3.0, 1.0]]) / 16).log()
+    random_logits = 3 * torch.randn(8, 32000, generator=torch.Generator().manual_seed(0))
+    for logits in (exact, random_logits):
+        for top_k, top_p in ((None, 0.5), (None, 0.75), (None, 0.9), (None, 1.0), (3, None), (50, 0.8), (0, 0.3)):
+            ours = filter_logits(logits, top_k, top_p)
+            ref = logits
+            if top_k:
+                ref = TopKLogitsWarper(top_k)(None, ref)
+            if top_p is not None:
+                ref = TopPLogitsWarper(top_p)(None, ref)
+            assert torch.equal(ours.isfinite(), ref.isfinite()), (top_k, top_p)
+    assert filter_logits(exact, None, 0.5).isfinite().sum() == 1
+    assert filter_logits(exact, None, 0.75).isfinite().sum() == 2
+    assert filter_logits(random_logits, None, 1.0).isfinite().all()
+
+
 def test_generation_stops_at_eos_and_samples_within_top_k(tmp_path):
     make_hf_model("llama", tmp_path / "hf")
     m = Transformer.from_pretrained(tmp_path / "hf")
@@ -179,6 +200,30 @@ def test_unknown_model_type_is_a_clear_error(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*mistral, qwen2, qwen3, llama"):
         Transformer.from_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("family, left_out", [
+    ("mistral", ["sliding_window"]), ("mistral", ["num_key_value_heads"]), ("qwen2", ["num_key_value_heads"]),
+    ("qwen3", ["head_dim"]), ("qwen2_window", ["max_window_layers", "layer_types"]),
+    ("qwen2_window", ["sliding_window"]),
+])
+def test_a_field_transformers_would_fill_differently_is_refused(tmp_path, family, left_out):
+    """A config.json without a field that transformers fills with the family's default (not what
+    the rest implies) is refused, naming the default; transformers, reading the same file, indeed
+    takes that value."""
+    import re
+    import transformers
+    make_hf_model(family, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for name in left_out:
+        cfg.pop(name, None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    name = left_out[0]
+    with pytest.raises(ValueError, match=f"config.json: no '{name}'; transformers would take") as e:
+        Transformer.from_pretrained(tmp_path / "hf")
+    default = int(re.search(rf"{name}=(\d+)", str(e.value)).group(1))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert getattr(hf, name) == default and default != {"num_key_value_heads": 2, "head_dim": 24}.get(name)
 
 
 def test_unsupported_rope_type_is_a_clear_error(tmp_path):
@@ -338,6 +383,21 @@ def test_checkpoints_are_complete_or_ignored(tmp_path):
     save_checkpoint(str(run), 4, model, optimizer, {**state, "step": 4}, keep=2)
     assert latest_checkpoint(str(run)) == str(run / "checkpoints" / "step_000004")
     assert sorted(os.listdir(run / "checkpoints")) == ["step_000002", "step_000004"]   # the 2 newest complete ones
+    # past step 999999 the name has seven digits: newest by number, not by name ("step_1000000" < "step_999999")
+    save_checkpoint(str(run), 999_999, model, optimizer, {**state, "step": 999_999}, keep=2)
+    save_checkpoint(str(run), 1_000_000, model, optimizer, {**state, "step": 1_000_000}, keep=2)
+    assert latest_checkpoint(str(run)) == str(run / "checkpoints" / "step_1000000")
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_1000000", "step_999999"]
+
+
+def test_mfu_peak_is_the_gpus_own(monkeypatch):
+    """A GPU whose name contains a shorter key (L40 holds "L4", H100 NVL holds "H100") gets its own peak."""
+    from training import gpu_peak_flops
+    for name, peak in (("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
+                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA A10G", 70e12), ("Some Future GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        assert gpu_peak_flops(torch.device("cuda", 0)) == peak, name
 
 
 def test_generate_runs_one_forward_per_new_token_and_top_k_0_is_off(tmp_path):

@@ -12,6 +12,9 @@ FAMILIES = {
                                                     high_freq_factor=4.0, original_max_position_embeddings=64),
                                   rope_theta=500000.0, max_position_embeddings=512)),
     "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama_bias": ("LlamaConfig", dict(attention_bias=True)),        # bias on q, k, v and o
+    "qwen3_bias": ("Qwen3Config", dict(head_dim=24, attention_bias=True)),
+    "mistral_bias_flag": ("MistralConfig", dict(sliding_window=8, attention_bias=True)),   # Mistral ignores it
 }
 
 
