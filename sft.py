@@ -361,6 +361,10 @@ def train(args):
     if lora and rank == 0:
         M.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.model))
     print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
+    if lora and added:   # the adapter holds only LoRA's A and B: the new tokens' rows are in the merged model
+        print0(f"note: {args.out}/adapter applies to {args.model} only once it has rows for {', '.join(added)} "
+               f"(ids {', '.join(map(str, added_ids))}, each the mean of its embedding rows, as sft.py added "
+               f"them); the merged model in {args.out} has them")
 
     # -- sample answers ------------------------------------------------------------------------------
     if rank == 0 and args.samples > 0 and not args.fsdp:
