@@ -22,6 +22,7 @@ train_tokenizer.json (the arguments and the efficiency table). The directory app
 import argparse
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -68,6 +69,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.vocab_size < 3 + len(args.special_tokens) + 256 + 1:
         p.error(f"--vocab-size {args.vocab_size} is too small for <unk> <s> </s>, the special tokens and 256 bytes")
+    if 0 < args.input_sentence_size <= 100 or args.input_sentence_size < 0:
+        p.error(f"--input-sentence-size must be 0 (all lines) or more than 100 (sentencepiece's minimum), "
+                f"got {args.input_sentence_size}")
+    for flag in ("max_line_chars", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     return args
 
 
@@ -84,8 +91,8 @@ def parse_input(spec):
             weight = float(w)
         except ValueError:
             raise SystemExit(f"--input {spec}: weight {w!r} is not a number") from None
-    if weight < 0:
-        raise SystemExit(f"--input {spec}: weight must be >= 0")
+    if not 0 <= weight < math.inf:                     # (nan fails both)
+        raise SystemExit(f"--input {spec}: weight must be a finite number >= 0")
     if Path(path).is_dir():
         files = sorted(f for f in Path(path).rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file())
         if not files:
@@ -104,8 +111,11 @@ def read_texts(path):
         except ValueError as e:
             raise SystemExit(str(e)) from None
     else:
-        with open(path, encoding="utf-8") as f:
-            yield from f  # line by line: never the whole file in memory
+        try:
+            with open(path, encoding="utf-8") as f:
+                yield from f  # line by line: never the whole file in memory
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def split_long(line, max_chars):
@@ -141,30 +151,37 @@ def training_lines(inputs, max_chars, rng, progress=None):
 def train(args):
     """Train the SentencePiece model; returns its serialized bytes."""
     inputs = [pair for s in args.input for pair in parse_input(s)]
+    if not any(weight > 0 for _, weight in inputs):
+        raise SystemExit("--input: every weight is 0, so there is no line to train on")
     rng = random.Random(args.seed)
     spm.set_random_generator_seed(args.seed)
     model = io.BytesIO()
     with tqdm(desc="reading input lines", unit=" lines", file=sys.stderr) as progress:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=training_lines(inputs, args.max_line_chars, rng, progress),
-            model_writer=model,
-            model_type=args.model_type,
-            vocab_size=args.vocab_size,
-            character_coverage=args.character_coverage,
-            input_sentence_size=args.input_sentence_size,
-            shuffle_input_sentence=True,
-            max_sentence_length=4 * args.max_line_chars + 16,  # bytes; a Cyrillic letter is 2, a CJK one 3
-            byte_fallback=True,
-            split_digits=True,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=True,
-            allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) become pieces
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # Llama's layout: <unk> <s> </s>, no pad piece
-            user_defined_symbols=args.special_tokens,
-            num_threads=args.threads,
-            minloglevel=0 if args.verbose else 1,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=training_lines(inputs, args.max_line_chars, rng, progress),
+                model_writer=model,
+                model_type=args.model_type,
+                vocab_size=args.vocab_size,
+                character_coverage=args.character_coverage,
+                input_sentence_size=args.input_sentence_size,
+                shuffle_input_sentence=True,
+                max_sentence_length=4 * args.max_line_chars + 16,  # bytes; a Cyrillic letter is 2, a CJK one 3
+                byte_fallback=True,
+                split_digits=True,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                add_dummy_prefix=True,
+                allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) become pieces
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # Llama's layout: <unk> <s> </s>, no pad piece
+                user_defined_symbols=args.special_tokens,
+                num_threads=args.threads,
+                minloglevel=0 if args.verbose else 1,
+            )
+        except RuntimeError:
+            if progress.n == 0:          # sentencepiece's own words for it: "[!sentences_.empty()]"
+                raise SystemExit(f"--input {' '.join(args.input)}: no text in the input files") from None
+            raise
     return model.getvalue()
 
 
@@ -232,6 +249,9 @@ def main(argv=None):
     args = parse_args(argv)
     print(json.dumps(vars(args), indent=2, ensure_ascii=False))
     out = Path(args.out)
+    names = ["new"] + [Path(c).name for c in args.compare]       # the report's keys
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--compare: tokenizers must have different names, and none 'new' (got {names[1:]})")
     compare = {Path(c).name: load_tokenizer(c) for c in args.compare}  # fail early on a bad --compare
     for f in args.eval_text:
         if not Path(f).is_file():

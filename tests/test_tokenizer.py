@@ -59,12 +59,49 @@ def test_sampling_weights_and_jsonl(tmp_path):
     assert got[:20] == [t for t in lines[:10] for _ in range(2)]           # weight 2: every line twice
     assert 180 < len(got) - 20 < 320                                        # weight 0.25: about 250 of 1000
     assert list(train_tokenizer.split_long("aaa bbb ccc", 5)) == ["aaa", " bbb", " ccc"]
+    (tmp_path / "crlf.jsonl").write_text(json.dumps({"text": "один\r\nдва\r\n"}) + "\n")
+    assert list(train_tokenizer.training_lines([(tmp_path / "crlf.jsonl", 1.0)], 100, random.Random(0))) == \
+        ["один", "два"]
     (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:1: expected a JSON object with a string field 'text'"):
         list(train_tokenizer.training_lines([(tmp_path / "bad.jsonl", 1.0)], 100, random.Random(0)))
     with pytest.raises(SystemExit, match="not found"):
         train_tokenizer.main(["--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_sampled_lines_come_from_every_input_and_long_lines_stay(tmp_path):
+    """--input-sentence-size samples from all inputs (shuffled, not the first N lines), with the
+    weights; a line of 3000 Cyrillic letters (6000 UTF-8 bytes, under --max-line-chars 4000) is
+    trained on, not skipped by sentencepiece's byte limit: its words get pieces."""
+    (tmp_path / "en.txt").write_text("\n".join(EN.split(". ") * 40) + "\n")           # many English lines first
+    (tmp_path / "ru.txt").write_text("\n".join(["щука окунь " * 273] * 3) + "\n")     # 3003 characters a line
+    out = tmp_path / "tok"
+    train_tokenizer.main(["--input", str(tmp_path / "en.txt"), f"{tmp_path / 'ru.txt'}:50", "--vocab-size", "330",
+                          "--input-sentence-size", "200", "--out", str(out), "--threads", "1"])
+    pieces = load_tokenizer(out).pieces()
+    assert "▁щука" in pieces and "▁окунь" in pieces
+
+
+def test_bad_training_input_is_one_clear_message(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    out = tmp_path / "out"
+    for argv, message in (
+            (["--input", f"{tmp_path / 'a.txt'}:nan"], "weight must be a finite number >= 0"),
+            (["--input", f"{tmp_path / 'a.txt'}:0"], "every weight is 0"),
+            (["--input", str(tmp_path / "empty.txt")], "no text in the input files"),
+            (["--input", str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
+            (["--input", str(tmp_path / "a.txt"), "--compare", str(tmp_path / "new")], "different names, and none 'new'"),
+            (["--input", str(tmp_path / "a.txt"), "--eval-text", str(tmp_path / "latin1.txt"), "--vocab-size", "270"],
+             "latin1.txt: not UTF-8 text")):          # the last fails after the files are written: nothing is left
+        with pytest.raises(SystemExit, match=message):
+            train_tokenizer.main([*argv, "--out", str(out), "--threads", "1"])
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    for flag, value in (("--input-sentence-size", "50"), ("--max-line-chars", "0")):
+        with pytest.raises(SystemExit):
+            train_tokenizer.parse_args(["--input", str(tmp_path / "a.txt"), "--out", str(out), flag, value])
 
 
 def test_encode_matches_sentencepiece_and_is_explicit_about_the_dummy_prefix(trained):
@@ -87,6 +124,8 @@ def test_encode_matches_sentencepiece_and_is_explicit_about_the_dummy_prefix(tra
     assert tok.encode("<s>hi") == [1] + tok.encode_continuation("hi")
     assert tok.encode("hi", add_bos=True, add_eos=True) == [1] + sp.encode("hi") + [2]
     assert tok.decode(tok.encode(CHAT)) == CHAT
+    for text in ("<|im_end|> ok", "<|im_start|>user\n  Привет  ", "a<|im_end|>  b\n"):   # text after a special token
+        assert tok.decode(tok.encode(text)) == text
     assert tok.pieces() == [sp.id_to_piece(i) for i in range(600)]
     assert tok.piece_to_id("▁no-such-piece") is None and tok.piece_to_id("<unk>") == 0
     assert tok.byte_token_id(0x0A) == sp.piece_to_id("<0x0A>")
@@ -174,6 +213,18 @@ def test_unigram_tokenizer_json_matches_sentencepiece(tmp_path):
     hf = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
     sp = spm.SentencePieceProcessor(model_file=str(model))
     assert hf.encode(PARAGRAPH, add_special_tokens=False).ids == sp.encode(PARAGRAPH)
+
+
+@pytest.mark.xfail(strict=True, reason="tokenizers' Unigram model matches any vocabulary string in text, byte "
+                                       "pieces included; sentencepiece never matches a byte piece: the literal text "
+                                       "'<0x41>' is one token in tokenizer.json, seven in tokenizer.model")
+def test_unigram_tokenizer_json_and_literal_byte_piece_text(tmp_path):
+    model = train_sp(tmp_path / "uni.model", RU + EN, 500, model_type="unigram")
+    write_hf_tokenizer_files(model, tmp_path / "hf")
+    from tokenizers import Tokenizer
+    hf = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert hf.encode("<0x41>", add_special_tokens=False).ids == sp.encode("<0x41>")
 
 
 # ------------------------------------------------------------------------------------------------------------------
