@@ -792,7 +792,7 @@ def parse_args(argv=None):
     t.add_argument("--log-every", type=nano.at_least(1), default=1, help="steps between metrics.jsonl lines")
     t.add_argument("--eval-every", type=nano.at_least(0), default=50,
                    help="held-out evaluation every N steps (and at start and end)")
-    t.add_argument("--save-every", type=nano.at_least(0), default=200, help="checkpoint every N steps (0: only at the end)")
+    t.add_argument("--save-every", type=nano.at_least(0), default=200, help="checkpoint every N steps (0: none; never at the last step)")
     t.add_argument("--keep", type=nano.at_least(1), default=2, help="checkpoints kept")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     args = parser.parse_args(argv)

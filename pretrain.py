@@ -196,7 +196,7 @@ def read_documents(path):
 
 def tokenizer_fingerprint(tok_path: str) -> str:
     """A hash of the tokenizer's files: a cache made with another tokenizer is never reused."""
-    from tokenizer import TOKENIZER_FILES
+    from model import TOKENIZER_FILES
     h = hashlib.sha256()
     paths = [tok_path] if os.path.isfile(tok_path) else \
         [os.path.join(tok_path, n) for n in sorted(TOKENIZER_FILES) if os.path.isfile(os.path.join(tok_path, n))]

@@ -88,7 +88,7 @@ def parse_args(argv=None):
     # checkpoints and logging
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--save-every", type=M.at_least(0), default=200,
-                   help="checkpoint every N optimizer steps (0: only at the end)")
+                   help="checkpoint every N optimizer steps (0: none; never at the last step, whose model is --out)")
     p.add_argument("--keep", type=M.at_least(1), default=2, help="checkpoints kept")
     p.add_argument("--eval-every", type=M.at_least(0), default=50,
                    help="held-out loss every N optimizer steps (and at start and end); 0: start and end only")
