@@ -243,12 +243,12 @@ def _use_triton(q, k, v) -> bool:
     except ImportError as e:
         supported, reason = False, f"the Triton kernel could not be imported ({e})"
     else:
-        reason = f"shape/dtype not supported by the kernel (head dim {q.shape[-1]}, {q.dtype}, {q.device.type})"
+        reason = (f"shape/dtype not supported by the kernel (head dim {q.shape[-1]}, {q.dtype}, {q.device.type})"
+                  + ("" if q.is_cuda or flash_attention._interpreting() else "; on CPU set TRITON_INTERPRET=1"))
     if supported:
         return True
     if choice == "triton":
-        raise RuntimeError(f"NANOADAPT_ATTENTION=triton but {reason}"
-                           + ("" if q.is_cuda else "; on CPU set TRITON_INTERPRET=1"))
+        raise RuntimeError(f"NANOADAPT_ATTENTION=triton but {reason}")
     if not _warned_fallback:
         warnings.warn(f"falling back to SDPA attention: {reason}")
         _warned_fallback = True

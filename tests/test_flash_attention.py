@@ -138,6 +138,24 @@ def test_noncontiguous_views_and_fp16():
     check(q, k, v, doc_start=doc_start_from_lengths([[20, 25], [45]]), window=30, tol=5e-3)
 
 
+def test_last_dimension_strided_inputs_and_a_broadcast_output_gradient():
+    """q, k, v whose last dimension is not contiguous (a transposed tensor), and the gradient of
+    o.sum(), which autograd hands over as an expanded scalar (every stride 0): the kernel needs unit
+    strides along the head dimension, so the wrapper copies; without the copies it reads wrong memory."""
+    B, H, HKV, T, D = 1, 2, 1, 19, 16
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, h, D, T, generator=g).to(DEVICE).transpose(-1, -2).requires_grad_()
+               for h in (H, HKV, HKV))
+    assert q.stride(-1) != 1
+    check(q, k, v, window=7)
+    q, k, v = make_qkv(B, H, HKV, T, D, seed=6)
+    fa.flash_attention(q, k, v).sum().backward()
+    ref, leaves = reference(q, k, v, visible_mask(T))
+    ref.sum().backward()
+    for got, want in zip((q.grad, k.grad, v.grad), leaves):
+        assert rel_err(got, want.grad) < 2e-5
+
+
 def test_very_negative_scores_in_fp16_at_window_and_document_edges():
     """Rows whose first key block is all invisible (left of the window or of the document) must keep
     their running max at -inf, not 0: with every score at -20 (natural log), exp2(s - 0) underflows in

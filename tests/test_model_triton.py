@@ -123,3 +123,14 @@ def test_compiled_layer_keeps_the_kernel_in_one_graph(backend, tmp_path, monkeyp
         else:
             assert rel_err(out, eager) < 1e-5 and rel_err(grad, grad_eager) < 1e-5
     assert calls                                            # the eager layer went through the kernel too
+
+
+def test_forced_triton_on_an_unsupported_input_says_why(monkeypatch):
+    """NANOADAPT_ATTENTION=triton with an input the kernel does not take (fp64) is refused, naming the
+    head dim, dtype and device; the TRITON_INTERPRET hint only where the interpreter is off."""
+    import model
+    monkeypatch.setenv("NANOADAPT_ATTENTION", "triton")
+    q = torch.randn(1, 2, 5, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"not supported by the kernel \(head dim 16, torch.float64") as e:
+        model._use_triton(q, q, q)
+    assert ("TRITON_INTERPRET" in str(e.value)) == (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1")
