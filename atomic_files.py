@@ -42,16 +42,32 @@ def fsync_dir(path):
 
 def replace_dir(tmp_dir, out_dir):
     """Move a fully written tmp_dir to out_dir, durably: its contents reach the disk first, then the
-    rename (and the parent directory that records it). An existing out_dir is replaced only then."""
+    rename (and the parent directory that records it). An existing out_dir is moved aside first (two
+    renames: POSIX has no atomic exchange of directories) and put back if the second rename fails;
+    then it is removed, with what killed writes left beside out_dir."""
     tmp_dir, out_dir = Path(tmp_dir), Path(out_dir)
     sync_to_disk(tmp_dir)
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    old = None
     if out_dir.exists():
+        old = tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent)   # unique, empty
         os.rename(out_dir, old)
-    os.rename(tmp_dir, out_dir)
+    try:
+        os.rename(tmp_dir, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
     fsync_dir(out_dir.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    remove_leftovers_beside(out_dir)
+
+
+def remove_leftovers_beside(path):
+    """Remove the temporary and set-aside copies that killed writes of `path` left next to it
+    (.NAME.tmp-*, .NAME.old-*). Called after a write of `path` succeeded: one path, one writer."""
+    path = Path(path)
+    for p in path.parent.glob(f".{path.name}.*"):
+        if p.name.startswith((f".{path.name}.tmp-", f".{path.name}.old-")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def rename_durably(src, dst):
@@ -89,9 +105,14 @@ def atomic_directory(path):
 def write_json_atomic(path, obj):
     """obj as JSON at path, written to a temporary name and renamed: a reader never sees half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    rename_durably(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+        rename_durably(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_tensors(tensors, path):

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -38,8 +39,9 @@ from tokenizer import (CHAT_ROLES, CHAT_SPECIAL_TOKENS, CHAT_TEMPLATES, TOKENIZE
                        load_tokenizer, pack_greedy, read_conversations, render_chat, render_conversations,
                        write_chat_tokenizer)
 # Crash-safe writes (temporary name, fsync, rename) live in atomic_files.py; re-exported here too.
-from atomic_files import (atomic_directory, current_umask, fsync_dir, rename_durably,  # noqa: F401
-                          replace_dir, save_tensors, sync_to_disk, temp_dir_beside, write_json_atomic)
+from atomic_files import (atomic_directory, current_umask, fsync_dir, remove_leftovers_beside,  # noqa: F401
+                          rename_durably, replace_dir, save_tensors, sync_to_disk, temp_dir_beside,
+                          write_json_atomic)
 # LoRA adapters live in lora.py; re-exported here too.
 from lora import (LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merged_state_dict,  # noqa: F401
                   save_lora_adapter)
@@ -742,27 +744,42 @@ def read_generation_config(model_dir):
 def install_model_files(tmp, path):
     """Move a completely written model directory `tmp` to `path`. A new `path` is a single rename.
     An existing one (a run directory with checkpoints/ and metrics.jsonl) keeps everything that is
-    not the model: its config.json goes first, so it stops claiming to hold a model, then its old
-    weights and tokenizer files and whatever else the new files replace (a checkpoint saved again),
-    then the new files move in with config.json last. Either way a
-    directory with a config.json always has complete weights."""
+    not the model: its config.json is set aside first, so it stops claiming to hold a model, then
+    its old weights and tokenizer files and whatever else the new files replace (a checkpoint saved
+    again), into a hidden directory inside `path`; then the new files move in, config.json last.
+    If a move fails, the new files go back to `tmp` and the old ones back in place. Either way a
+    directory with a config.json always has complete weights (after a kill half-way, the old model
+    is in .replaced-*; the next successful install removes it)."""
     if not os.path.isdir(path):
         rename_durably(tmp, path)
+        remove_leftovers_beside(path)
         return
     sync_to_disk(tmp)
     new = set(os.listdir(tmp))
     old = [n for n in os.listdir(path) if n == "config.json" or n.endswith(".safetensors")
            or n == "model.safetensors.index.json" or n in TOKENIZER_FILES or n in new]
-    for name in sorted(old, key=lambda n: n != "config.json"):
-        old_path = os.path.join(path, name)
-        if os.path.isdir(old_path) and not os.path.islink(old_path):
-            shutil.rmtree(old_path)             # (a checkpoint saved again: its optimizer/)
-        else:
-            os.remove(old_path)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    aside = tempfile.mkdtemp(prefix=".replaced-", dir=path)
+    set_aside, moved_in = [], []
+    try:
+        for name in sorted(old, key=lambda n: n != "config.json"):
+            os.replace(os.path.join(path, name), os.path.join(aside, name))
+            set_aside.append(name)
+        for name in sorted(new, key=lambda n: n == "config.json"):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            os.replace(os.path.join(path, name), os.path.join(tmp, name))
+        for name in reversed(set_aside):         # config.json back last
+            os.replace(os.path.join(aside, name), os.path.join(path, name))
+        os.rmdir(aside)
+        raise
     os.rmdir(tmp)
     fsync_dir(path)                              # the renames themselves
+    for leftover in os.listdir(path):            # this install's set-aside files, and a killed one's
+        if leftover.startswith(".replaced-"):
+            shutil.rmtree(os.path.join(path, leftover), ignore_errors=True)
+    remove_leftovers_beside(path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -280,6 +280,63 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
     assert os.listdir(tmp_path) == ["hf"]
 
 
+def test_a_save_that_fails_while_installing_keeps_the_old_model(tmp_path, monkeypatch):
+    """Saving over a run directory that holds a model, with the second move of the new files failing
+    (a full disk, an I/O error): the old model is back in place, complete; nothing of the new one or
+    of the set-aside copy is left. A successful save then removes what killed saves left beside it."""
+    import model as model_module
+    make_hf_model("llama", tmp_path / "hf")
+    m = Transformer.from_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    m.save_pretrained(run, max_shard_size="40KB")                        # the old model: sharded
+    (run / "metrics.jsonl").write_text("{}\n")
+    before = {n: (run / n).read_bytes() for n in os.listdir(run)}
+    real, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if str(src).startswith(str(tmp_path / ".run.tmp-")) and len([c for c in calls
+                                                                     if str(c).startswith(str(run))]) > 4:
+            raise OSError(5, "simulated I/O error")
+        return real(src, dst)
+    monkeypatch.setattr(model_module.os, "replace", failing_replace)
+    with torch.no_grad():
+        m.lm_head.weight.add_(1.0)
+    with pytest.raises(OSError, match="simulated"):
+        m.save_pretrained(run)                                           # the new model: one file
+    monkeypatch.setattr(model_module.os, "replace", real)
+    assert {n: (run / n).read_bytes() for n in os.listdir(run)} == before
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]
+
+    (tmp_path / ".run.tmp-killed").mkdir()                                # what a killed save leaves
+    (run / ".replaced-killed").mkdir()
+    m.save_pretrained(run)
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"] and not any(n.startswith(".") for n in os.listdir(run))
+    assert torch.equal(Transformer.from_pretrained(run).lm_head.weight, m.lm_head.weight)
+
+
+def test_replace_dir_puts_the_old_directory_back_when_the_new_cannot_move_in(tmp_path, monkeypatch):
+    import atomic_files
+    out, tmp = tmp_path / "tok", tmp_path / ".tok.tmp-1"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    tmp.mkdir()
+    (tmp / "a.txt").write_text("new")
+    real = os.rename
+    monkeypatch.setattr(atomic_files.os, "rename",
+                        lambda src, dst: (_ for _ in ()).throw(OSError(5, "simulated")) if src == tmp else real(src, dst))
+    with pytest.raises(OSError, match="simulated"):
+        atomic_files.replace_dir(tmp, out)
+    assert (out / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [".tok.tmp-1", "tok"]
+    monkeypatch.setattr(atomic_files.os, "rename", real)
+    (tmp_path / ".tok.old-killed").mkdir()
+    atomic_files.replace_dir(tmp, out)
+    assert (out / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["tok"]
+    with pytest.raises(TypeError):
+        atomic_files.write_json_atomic(tmp_path / "m.json", {"b": object()})
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]
+
+
 def test_save_into_a_run_directory_keeps_other_files(tmp_path):
     """The final model lands in a run directory next to checkpoints/ and metrics.jsonl: those stay,
     stale weights and tokenizer files of an earlier save go."""
