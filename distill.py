@@ -763,38 +763,7 @@ def parse_args(argv=None):
                    help="w: seed 003's clamp(1 - exp(-s/(t+ε)), 0, 1), SLIM's 1 - exp(-p_t/p_s), or 1")
     t.add_argument("--temperature", type=float, default=1.0, help="T of the KL (the KD term is scaled by T²)")
     t.add_argument("--seed-eps", type=nano.at_least(0.0, float), default=1e-6, help="ε in the seed weighting")
-    # full fine-tuning or LoRA (as sft.py)
-    t.add_argument("--lora-rank", type=nano.at_least(0), default=0, help="LoRA rank; 0 = full fine-tuning (seed 003: 128)")
-    t.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α; the update is scaled by α/r (seed 003: 128-512)")
-    t.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated linear layers to adapt")
-    t.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
-    # optimisation
-    t.add_argument("--lr", type=nano.at_least(0.0, float), default=1e-5, help="peak learning rate")
-    t.add_argument("--epochs", type=nano.at_least(1), default=3, help="passes over the store (sft.py: Vikhr Table 5)")
-    t.add_argument("--max-steps", type=nano.at_least(0), default=0,
-                   help="stop after this many optimizer steps (0: all epochs)")
-    t.add_argument("--batch-size", type=nano.at_least(1), default=3, help="packed sequences per micro-batch per rank")
-    t.add_argument("--grad-accum", type=nano.at_least(1), default=64, help="micro-batches per optimizer step per rank")
-    t.add_argument("--seq-len", type=nano.at_least(1), default=1024, help="tokens per packed sequence")
-    t.add_argument("--warmup-steps", type=nano.at_least(0), default=0, help="linear warmup, in optimizer steps")
-    t.add_argument("--min-lr-ratio", type=nano.at_least(0.0, float), default=0.1,
-                   help="cosine decay ends at this fraction of --lr")
-    t.add_argument("--beta1", type=float, default=0.99, help="AdamW β1")
-    t.add_argument("--beta2", type=float, default=0.95, help="AdamW β2")
-    t.add_argument("--weight-decay", type=nano.at_least(0.0, float), default=0.0, help="AdamW weight decay")
-    t.add_argument("--grad-clip", type=nano.at_least(0.0, float), default=1.0, help="clip the gradient norm (0: off)")
-    nano.add_scale_arguments(t)                                    # --fsdp, --cpu-offload, --compile, ...
-    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="student weight dtype (on CUDA the matmuls run in bf16 autocast either way)")
-    t.add_argument("--seed", type=int, default=0, help="data order, dropout, adapter init")
-    # logging and checkpoints
-    t.add_argument("--log-every", type=nano.at_least(1), default=1, help="steps between metrics.jsonl lines")
-    t.add_argument("--eval-every", type=nano.at_least(0), default=50,
-                   help="held-out evaluation every N steps (and at start and end)")
-    t.add_argument("--save-every", type=nano.at_least(0), default=200, help="checkpoint every N steps (0: none; never at the last step)")
-    t.add_argument("--keep", type=nano.at_least(1), default=2, help="checkpoints kept")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    nano.add_finetuning_arguments(t)                               # as sft.py: --seq-len, --lr, LoRA, --save-every, ...
     args = parser.parse_args(argv)
     if args.command == "train":
         nano.check_scale_arguments(t, args)

@@ -46,8 +46,9 @@ from atomic_files import (atomic_directory, current_umask, fsync_dir, remove_lef
 from lora import (LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merged_state_dict,  # noqa: F401
                   save_lora_adapter)
 # The training scripts' shared helpers live in training.py; re-exported here too.
-from training import (GPU_PEAK_BF16_FLOPS, adamw, add_scale_arguments, as_dtype, at_least, cast_weights,  # noqa: F401
-                      check_scale_arguments, checkpointed_chunks, clip_gradients, close_distributed,
+from training import (GPU_PEAK_BF16_FLOPS, adamw, add_finetuning_arguments, add_scale_arguments, as_dtype,  # noqa: F401
+                      at_least, cast_weights, check_scale_arguments, checkpointed_chunks, clip_gradients,
+                      close_distributed,
                       gpu_peak_flops, init_distributed, is_rank0, is_sharded,
                       latest_checkpoint, load_optimizer_state, load_placement, load_trainer_state,
                       lr_at, metrics_logger, parallelize, print0, resume_training, save_checkpoint,

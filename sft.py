@@ -58,41 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--chat-template", choices=["auto", *M.CHAT_TEMPLATES], default="auto",
                    help="auto: the model's own template if it is one of ours; else ChatML when the tokenizer "
                         "already has <|im_start|>/<|im_end|> or the model is a Qwen; else Mistral's [INST]")
-    p.add_argument("--seq-len", type=M.at_least(1), default=1024, help="tokens per packed row (Vikhr Table 5)")
     p.add_argument("--overlong", choices=["drop", "truncate"], default="drop",
                    help="a conversation longer than --seq-len: drop it, or keep its first --seq-len tokens "
                         "(then its last answer has no end-of-turn token, and one with no supervised token left is dropped)")
-    # optimisation (Vikhr Table 5)
-    p.add_argument("--epochs", type=M.at_least(1), default=3, help="passes over the training conversations")
-    p.add_argument("--lr", type=M.at_least(0.0, float), default=1e-5, help="peak learning rate")
-    p.add_argument("--beta1", type=float, default=0.99, help="Adam beta1")
-    p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2")
-    p.add_argument("--weight-decay", type=M.at_least(0.0, float), default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup-steps", type=M.at_least(0), default=0, help="linear warmup, in optimizer steps")
-    p.add_argument("--min-lr-ratio", type=M.at_least(0.0, float), default=0.1,
-                   help="cosine decay ends at this fraction of --lr")
-    p.add_argument("--grad-clip", type=M.at_least(0.0, float), default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--batch-size", type=M.at_least(1), default=3, help="packed rows per micro-batch per rank")
-    p.add_argument("--grad-accum", type=M.at_least(1), default=64, help="micro-batches per optimizer step per rank")
-    p.add_argument("--max-steps", type=M.at_least(0), default=0, help="stop after this many optimizer steps (0: all epochs)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weight dtype (on CUDA the matmuls run in bf16 autocast either way)")
-    M.add_scale_arguments(p)                                       # --fsdp, --cpu-offload, --compile, ...
-    p.add_argument("--seed", type=int, default=0, help="data order and dropout")
-    # LoRA (Hu et al. 2021)
-    p.add_argument("--lora-rank", type=M.at_least(0), default=0, help="LoRA rank r (0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated names of the linear layers that get an adapter")
-    # checkpoints and logging
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--save-every", type=M.at_least(0), default=200,
-                   help="checkpoint every N optimizer steps (0: none; never at the last step, whose model is --out)")
-    p.add_argument("--keep", type=M.at_least(1), default=2, help="checkpoints kept")
-    p.add_argument("--eval-every", type=M.at_least(0), default=50,
-                   help="held-out loss every N optimizer steps (and at start and end); 0: start and end only")
-    p.add_argument("--log-every", type=M.at_least(1), default=1, help="log line every N optimizer steps")
+    M.add_finetuning_arguments(p)                                  # --seq-len, --lr, LoRA, --save-every, ...
     p.add_argument("--samples", type=M.at_least(0), default=3, help="sample answers to held-out prompts printed at the end")
     p.add_argument("--sample-tokens", type=M.at_least(1), default=128, help="max new tokens per sample answer")
     args = p.parse_args(argv)

@@ -253,6 +253,44 @@ def add_scale_arguments(p):
                         "default: the training dtype. Checkpoints keep the training dtype, for an exact resume")
 
 
+def add_finetuning_arguments(p):
+    """The flags sft.py and distill.py train share: packing, optimisation (Vikhr Table 5's defaults), the
+    weights' dtype, scale (add_scale_arguments), full fine-tuning or LoRA, checkpoints and logging."""
+    p.add_argument("--seq-len", type=at_least(1), default=1024, help="tokens per packed row (Vikhr Table 5)")
+    # optimisation (Vikhr Table 5)
+    p.add_argument("--epochs", type=at_least(1), default=3, help="passes over the training conversations")
+    p.add_argument("--lr", type=at_least(0.0, float), default=1e-5, help="peak learning rate")
+    p.add_argument("--beta1", type=float, default=0.99, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    p.add_argument("--weight-decay", type=at_least(0.0, float), default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=at_least(0), default=0, help="linear warmup, in optimizer steps")
+    p.add_argument("--min-lr-ratio", type=at_least(0.0, float), default=0.1,
+                   help="cosine decay ends at this fraction of --lr")
+    p.add_argument("--grad-clip", type=at_least(0.0, float), default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--batch-size", type=at_least(1), default=3, help="packed rows per micro-batch per rank")
+    p.add_argument("--grad-accum", type=at_least(1), default=64, help="micro-batches per optimizer step per rank")
+    p.add_argument("--max-steps", type=at_least(0), default=0,
+                   help="stop after this many optimizer steps (0: all epochs)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weight dtype (on CUDA the matmuls run in bf16 autocast either way)")
+    add_scale_arguments(p)                                         # --fsdp, --cpu-offload, --compile, ...
+    p.add_argument("--seed", type=int, default=0, help="data order, dropout, adapter init")
+    # LoRA (Hu et al. 2021)
+    p.add_argument("--lora-rank", type=at_least(0), default=0, help="LoRA rank r (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated names of the linear layers that get an adapter")
+    # checkpoints and logging
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--save-every", type=at_least(0), default=200,
+                   help="checkpoint every N optimizer steps (0: none; never at the last step, whose model is --out)")
+    p.add_argument("--keep", type=at_least(1), default=2, help="checkpoints kept")
+    p.add_argument("--eval-every", type=at_least(0), default=50,
+                   help="held-out evaluation every N optimizer steps (and at start and end); 0: start and end only")
+    p.add_argument("--log-every", type=at_least(1), default=1, help="metrics line every N optimizer steps")
+
+
 def check_scale_arguments(p, args):
     """Refuse combinations that would not do what they say, before anything is loaded."""
     if args.cpu_offload and not args.fsdp:
