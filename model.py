@@ -48,8 +48,7 @@ from lora import (LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, m
 # The training scripts' shared helpers live in training.py; re-exported here too.
 from training import (GPU_PEAK_BF16_FLOPS, adamw, add_finetuning_arguments, add_scale_arguments, as_dtype,  # noqa: F401
                       at_least, cast_weights, check_scale_arguments, checkpointed_chunks, clip_gradients,
-                      close_distributed,
-                      gpu_peak_flops, init_distributed, is_rank0, is_sharded,
+                      close_distributed, gpu_peak_flops, init_distributed, is_rank0, is_sharded,
                       latest_checkpoint, load_optimizer_state, load_placement, load_trainer_state,
                       lr_at, metrics_logger, parallelize, print0, resume_training, save_checkpoint,
                       set_grad_sync, unwrap)

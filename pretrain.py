@@ -356,7 +356,6 @@ class TokenFile:
         self.n_train = n - int(n * val_fraction)
 
 
-
 class TokenStream:
     """One range of tokens of each of a source's files, back to back: the stream that rows are cut from.
     Rows cross file boundaries, so a directory of files each shorter than a row (one article per
@@ -758,8 +757,8 @@ def train(args):
     max_steps = args.max_steps or max(1, train_tokens // (global_rows * T))
 
     # -- resume ------------------------------------------------------------------------------------
-    run_args = {**vars(args), "data_layout": DATA_LAYOUT, "world_size": world, "global_rows": global_rows, "tokens_per_step": global_rows * T,
-                "max_steps": max_steps, "train_tokens": train_tokens, "kl_extend_shared_ids": shared,
+    run_args = {**vars(args), "data_layout": DATA_LAYOUT, "world_size": world, "global_rows": global_rows,
+                "tokens_per_step": global_rows * T, "max_steps": max_steps, "train_tokens": train_tokens, "kl_extend_shared_ids": shared,
                 "eval_sources": {name: {"rows": len(rows), "bytes": n} for name, rows, n in eval_sets}}
     if state is not None:
         for key in RESUME_MUST_MATCH:

@@ -343,11 +343,12 @@ class JsonTokenizer(Tokenizer):
         try:
             self.tok = tokenizers.Tokenizer.from_str(json.dumps(data))
             # the same pipeline with any dummy prefix switched off, for text that does not start the input
-            self.tok_no_prefix = tokenizers.Tokenizer.from_str(json.dumps(_without_dummy_prefix(data)))
+            no_prefix = _without_dummy_prefix(data)
+            self.tok_no_prefix = tokenizers.Tokenizer.from_str(json.dumps(no_prefix))
             # and for encode_continuation no space in front from a ByteLevel step either (add_prefix_space:
             # GPT-2-style bases); the library adds that one per segment in running text, so encode keeps it
             continuation = _without_dummy_prefix(data, byte_level_space=False)
-            self.tok_continuation = (self.tok_no_prefix if continuation == _without_dummy_prefix(data) else
+            self.tok_continuation = (self.tok_no_prefix if continuation == no_prefix else
                                      tokenizers.Tokenizer.from_str(json.dumps(continuation)))
         except Exception as e:
             raise ValueError(f"{path}: `tokenizers` cannot load it ({e})") from e

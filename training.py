@@ -153,8 +153,8 @@ def resume_training(ckpt_dir, model, optimizer, lora=False, data_plan=None):
             raise ValueError(f"--resume: '{key}' was {state['data_plan'][key]!r} in {ckpt_dir}, now {value!r}; "
                              f"step {state['step']} would not mean the same rows")
     if lora != ("lora" in state):
-        raise ValueError(f"--resume: {ckpt_dir} is a {'LoRA' if 'lora' in state else 'full fine-tuning'} "
-                         f"checkpoint; resume it {'with the same --lora-rank' if 'lora' in state else 'without --lora-rank'}")
+        kind, how = ("LoRA", "with the same --lora-rank") if "lora" in state else ("full fine-tuning", "without --lora-rank")
+        raise ValueError(f"--resume: {ckpt_dir} is a {kind} checkpoint; resume it {how}")
     if lora:
         load_lora_state_dict(unwrap(model), state["lora"], ckpt_dir)
     load_optimizer_state(model, optimizer, ckpt_dir)
