@@ -762,8 +762,8 @@ def train(args):
                 "eval_sources": {name: {"rows": len(rows), "bytes": n} for name, rows, n in eval_sets}}
     if state is not None:
         for key in RESUME_MUST_MATCH:
-            if state["args"].get(key) != run_args[key]:
-                raise ValueError(f"--resume: '{key}' was {state['args'][key]!r} in {ckpt}, now {run_args[key]!r}; "
+            if state["args"].get(key) != run_args[key]:          # (None: a checkpoint from before the key)
+                raise ValueError(f"--resume: '{key}' was {state['args'].get(key)!r} in {ckpt}, now {run_args[key]!r}; "
                                  "the data position would not mean the same rows")
         load_optimizer_state(model, optimizer, ckpt)
         data.load_state_dict(state["data"])

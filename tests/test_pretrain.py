@@ -517,6 +517,15 @@ def test_hard_kill_and_resume_matches_uninterrupted(corpus, base, tmp_path, caps
     assert max(train_steps(cut)) == 5                                # it logged past its last checkpoint
     with pytest.raises(ValueError, match="pass --resume"):
         pretrain.main([*common, *common_args(cut, tmp_path / "cache")])
+    # a checkpoint from before the data position counted rows per source: refused, not misread
+    old = tmp_path / "old_layout"
+    shutil.copytree(cut, old)
+    state_path = old / "checkpoints" / "step_000004" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["args"]["data_layout"]
+    torch.save(state, state_path)
+    with pytest.raises(ValueError, match="'data_layout' was None in .*, now 'a token stream per source'"):
+        pretrain.main([*common, *common_args(old, tmp_path / "cache"), "--resume"])
     capsys.readouterr()
     pretrain.main([*common, *common_args(cut, tmp_path / "cache"), "--resume"])
     assert f"resumed from {cut / 'checkpoints' / 'step_000004'} at step 4" in capsys.readouterr().out
