@@ -462,16 +462,19 @@ class Transformer(nn.Module):
         self.lm_head.out_features = embed_weight.shape[0]
         self.config.vocab_size = embed_weight.shape[0]
 
-    def num_params(self, exclude_embeddings=False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.model.embed_tokens.weight.numel() if exclude_embeddings else n
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6·N for the matmuls (embedding lookup excluded, head included)
-        plus the attention scores and values, 6·2·L·H·hd·T/2 with the causal half (PaLM appendix B)."""
+        """Training FLOPs per token (forward + backward), the convention of PaLM's appendix B that torchtitan
+        and nanochat use too, so MFU compares with theirs: 6 per weight-matrix entry (the head counts, the
+        embedding lookup does not; norms and biases are not matmuls) plus 12·L·H·hd·T for the attention
+        scores and values. Like them it counts every (query, key) pair: the causal mask's saving, half of
+        that attention term, is not subtracted (at 2k context a few % of the total for a 1-2B model)."""
         c = self.config
-        return 6 * self.num_params(exclude_embeddings=not c.tie_word_embeddings) + \
-            6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        matrices = sum(p.numel() for name, p in self.named_parameters()
+                       if p.dim() == 2 and (name != "model.embed_tokens.weight" or c.tie_word_embeddings))
+        return 6 * matrices + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
 
     # -- load / save: see section 4 ------------------------------------------------------------------
     @classmethod

@@ -8,10 +8,11 @@ Contenders, each with fused AdamW (on CUDA), bf16 autocast, the same batch and t
   nanoadapt eager / compiled      model.py (Triton attention on CUDA), pretrain.py's chunked fp32 loss
                                   (B×T×V logits never held in fp32), compile = torch.compile per layer
   nanoadapt + act. checkpointing  the same, recomputing each layer in the backward pass
-Prints tokens/s, MFU (against the detected GPU's peak) and peak memory, with ratios to the eager
-transformers loop. --max-layers N also searches, by doubling then bisection, the deepest model of this
-width each contender trains without running out of GPU memory, plus nanoadapt under FSDP2 with CPU
-offload on the one GPU (slow: one try per depth).
+Prints tokens/s, MFU (model.py's flops_per_token, the PaLM / torchtitan / nanochat count, against the
+detected GPU's peak) and peak memory, with ratios to the eager transformers loop. --max-layers N also
+searches, by doubling then bisection, the deepest model of this width each contender trains without
+running out of GPU memory, plus nanoadapt under FSDP2 with CPU offload on the one GPU (slow: one try
+per depth).
 """
 import argparse
 import gc

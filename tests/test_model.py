@@ -4,9 +4,10 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import Config, KVCache, Transformer, filter_logits, generate
-from tiny_models import FAMILIES, make_hf_model, rel_err
+from tiny_models import FAMILIES, hf_config, make_hf_model, rel_err
 
 
 def tokens(B, T, vocab=101, seed=1):
@@ -455,6 +456,22 @@ def test_mfu_peak_is_the_gpus_own(monkeypatch):
                        ("NVIDIA A10G", 70e12), ("Some Future GPU", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         assert gpu_peak_flops(torch.device("cuda", 0)) == peak, name
+
+
+def test_flops_per_token_is_what_torch_counts_in_a_training_step():
+    """flops_per_token(T) × B·T equals torch's FlopCounterMode over one forward + backward with SDPA's math
+    backend (attention as plain matmuls over every (query, key) pair): the head counts, the embedding lookup
+    does not, tied or not, GQA, head_dim != hidden / heads, biases."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    B, T = 2, 16
+    for family in ("qwen3", "qwen3_tied", "qwen2", "llama_bias"):
+        model = Transformer(Config.from_hf(hf_config(family).to_dict()))
+        model.init_weights()
+        ids = torch.randint(0, model.config.vocab_size, (B, T))
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        assert model.flops_per_token(T) * B * T == counter.get_total_flops(), family
 
 
 def test_generate_runs_one_forward_per_new_token_and_top_k_0_is_off(tmp_path):
