@@ -404,7 +404,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
         self.source_dir = None            # the HF directory this model was loaded from (tokenizer files live there)
-        self.gradient_checkpointing = False
+        self.checkpoint_layers = 0        # the first N decoder layers recompute their activations in backward
 
     def forward(self, input_ids, doc_ids=None, cache=None, return_hidden=False):
         """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, d) with return_hidden.
@@ -429,7 +429,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)                               # (B, T, d)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training:
+            if self.training and i < self.checkpoint_layers:               # activation checkpointing
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, doc_start, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, doc_start, cache, i)

@@ -246,8 +246,10 @@ def add_scale_arguments(p):
                         "(the optimiser step runs on the CPU): slower, for models the GPUs cannot hold")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--activation-checkpointing", "--gradient-checkpointing", dest="activation_checkpointing",
-                   action="store_true", help="recompute each layer in the backward pass: less memory, about 1/3 "
-                                             "more compute")
+                   nargs="?", const=True, default=False, type=at_least(1), metavar="N",
+                   help="recompute each decoder layer in the backward pass instead of keeping its activations: "
+                        "less memory, about 1/3 more compute; with N, only the first N layers (memory and "
+                        "recompute both in proportion: the knob between fitting and speed)")
     p.add_argument("--save-dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="the final model's weights in this dtype (bfloat16: half the size of an fp32 run's output); "
                         "default: the training dtype. Checkpoints keep the training dtype, for an exact resume")
@@ -320,11 +322,13 @@ def parallelize(model, device, *, dtype=None, fsdp=False, mixed_precision=None, 
     mixed_precision: FSDP's compute dtype; default bf16 on CUDA (the scripts' autocast dtype), the
     weights' own elsewhere; gradients are reduced in fp32.
     compile: torch.compile each decoder layer (same graph per layer, so one compilation serves all).
-    activation_checkpointing: recompute each decoder layer in the backward pass.
+    activation_checkpointing: True: recompute each decoder layer in the backward pass; N: the first N only.
     A model without trainable parameters (a frozen reference) is sharded but gets no DDP wrapper."""
     import torch.distributed as dist
     dtype = as_dtype(dtype)
-    model.gradient_checkpointing = activation_checkpointing
+    n_layers = len(model.model.layers)
+    model.checkpoint_layers = (n_layers if activation_checkpointing is True         # (True == 1: test it first)
+                               else min(int(activation_checkpointing), n_layers))
     if compile:
         for layer in model.model.layers:
             layer.compile()

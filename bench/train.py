@@ -8,6 +8,9 @@ Contenders, each with fused AdamW (on CUDA), bf16 autocast, the same batch and t
   nanoadapt eager / compiled      model.py (Triton attention on CUDA), pretrain.py's chunked fp32 loss
                                   (B×T×V logits never held in fp32), compile = torch.compile per layer
   nanoadapt + act. checkpointing  the same, recomputing each layer in the backward pass
+  ... of N/L layers               recomputing the first N layers only: on a GPU, by default, the fewest that
+                                  bring the peak to 0.6× the eager transformers loop's (the issue's memory bar),
+                                  from the memory of checkpointing none and all (or --checkpoint-layers N ...)
 Prints tokens/s, MFU (model.py's flops_per_token, the PaLM / torchtitan / nanochat count, against the
 detected GPU's peak) and peak memory, with ratios to the eager transformers loop. --max-layers N also
 searches, by doubling then bisection, the deepest model of this width each contender trains without
@@ -16,7 +19,9 @@ per depth).
 """
 import argparse
 import gc
+import math
 import os
+import re
 import sys
 import time
 
@@ -78,7 +83,7 @@ def make_step(kind, p, layers, device):
         if not dist.is_initialized():
             dist.init_process_group("cuda:nccl,cpu:gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
     model = parallelize(model, device, fsdp=offload, cpu_offload=offload, compile="compiled" in kind,
-                        activation_checkpointing="checkpointing" in kind)          # as pretrain.py does
+                        activation_checkpointing=checkpointing(kind))               # as pretrain.py does
     opt = adamw(model, lr=1e-4, betas=(0.9, 0.999))                              # pretrain.py's optimizer
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)   # (B, T): next token
 
@@ -90,6 +95,21 @@ def make_step(kind, p, layers, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step, model
+
+
+def checkpointing(kind):
+    """parallelize()'s activation_checkpointing for a contender: '... of N/L layers' -> N, else all or none."""
+    partial = re.search(r"checkpointing of (\d+)/", kind)
+    return int(partial.group(1)) if partial else "checkpointing" in kind
+
+
+def layers_for_memory(target, mem_none, mem_all, layers):
+    """The fewest checkpointed layers (of `layers`) that bring peak memory to `target`, from the peaks with
+    none and with all of them checkpointed: each layer checkpointed keeps the same activations fewer (the
+    layers are alike). None when no checkpointing is needed, or all of it is not enough."""
+    if mem_none <= target or mem_all > target:
+        return None
+    return min(layers, math.ceil((mem_none - target) / ((mem_none - mem_all) / layers)))
 
 
 def measure(kind, p, layers, device, warmup, iters):
@@ -147,6 +167,9 @@ def main():
     ap.add_argument("--iters", type=int, default=10, help="timed steps")
     ap.add_argument("--only", nargs="*", default=None, help="run only contenders whose name contains one of these")
     ap.add_argument("--max-layers", type=int, default=0, help="also search the deepest model that fits, up to this")
+    ap.add_argument("--checkpoint-layers", type=int, nargs="+", default=None, metavar="N",
+                    help="also nanoadapt compiled with the first N layers checkpointed, for each N (default on a "
+                         "GPU: the fewest layers that bring the peak to 0.6x the eager transformers loop's)")
     args = ap.parse_args()
     p = PRESETS[args.preset]
     device = torch.device(p["device"])
@@ -158,7 +181,8 @@ def main():
         kinds = [k for k in kinds if any(o in k for o in args.only)]
 
     rows = []
-    for kind in kinds:
+
+    def run(kind):
         try:
             rows.append((kind, *measure(kind, p, p["layers"], device, args.warmup, args.iters)))
         except torch.OutOfMemoryError:
@@ -171,6 +195,18 @@ def main():
         else:                                           # (no peak memory on the CPU: nan)
             result = f"{tps:,.0f} tokens/s" + (f", peak {mem:.1f} GiB" if mem == mem else "")
         print(f"  measured: {kind}: {result}", file=sys.stderr, flush=True)
+
+    for kind in kinds:
+        run(kind)
+    partial = args.checkpoint_layers
+    if partial is None and not args.only:
+        mem = {r[0]: r[3] for r in rows if r[3] is not None and r[3] == r[3]}     # measured peaks (GiB)
+        if {"transformers eager", "nanoadapt compiled", kinds[-1]} <= mem.keys():
+            n = layers_for_memory(0.6 * mem["transformers eager"], mem["nanoadapt compiled"], mem[kinds[-1]],
+                                  p["layers"])
+            partial = [n] if n else []
+    for n in partial or []:
+        run(f"nanoadapt compiled + activation checkpointing of {n}/{p['layers']} layers")
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\ntraining step, {args.preset} preset: Qwen3-shaped, {p['layers']} layers, hidden {p['hidden']}, "

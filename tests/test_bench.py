@@ -48,12 +48,33 @@ def test_forward_smoke():
 
 @pytest.mark.parametrize("only", [["eager"], ["compiled + activation"]])
 def test_train_smoke(only):
-    out = run_bench("bench/train.py", "--preset", "cpu", "--warmup", "1", "--iters", "1", "--only", *only)
+    partial = ["--checkpoint-layers", "1"] if "activation" in only[0] else []
+    out = run_bench("bench/train.py", "--preset", "cpu", "--warmup", "1", "--iters", "1", "--only", *only, *partial)
     rows = table_rows(out, r"\| (transformers|nanoadapt)")
-    assert rows and not any("out of memory" in r for r in rows)
+    # eager: the transformers and nanoadapt loops; compiled + activation: all layers checkpointed, then the first 1
+    assert len(rows) == 2 and not any("out of memory" in r for r in rows)
     for r in rows:
         assert only[0] in r, r                              # the contender asked for, and only it
         assert re.match(r"\| [^|]+ \| [\d,]+ \|", r), r     # a tokens/s was measured
+    if partial:
+        assert "checkpointing of 1/2 layers" in rows[1]
+
+
+def test_train_bench_checkpoints_the_fewest_layers_that_meet_the_memory_bar():
+    """Peaks 55 GiB with no layer checkpointed, 35 with all 28: 20/28 GiB per layer, so 0.6 × 65 = 39 GiB
+    needs ceil(16 / (20/28)) = ceil(22.4) = 23 layers; none when no checkpointing is needed or all is not enough."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(os.path.dirname(__file__), "..",
+                                                                              "bench", "train.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    checkpointing, layers_for_memory = bench.checkpointing, bench.layers_for_memory
+    assert layers_for_memory(0.6 * 65, 55, 35, 28) == 23
+    assert layers_for_memory(39, 38, 30, 28) is None and layers_for_memory(39, 55, 40, 28) is None
+    kinds = ("nanoadapt compiled", "nanoadapt compiled + activation checkpointing",
+             "nanoadapt compiled + activation checkpointing of 23/28 layers")
+    assert [checkpointing(k) for k in kinds] == [False, True, 23]
 
 
 def test_fsdp_load_smoke():

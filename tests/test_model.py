@@ -580,23 +580,61 @@ def test_fsdp_loads_as_stored_and_casts_as_it_shards(tmp_path):
 
 def test_parallelize_applies_compile_and_activation_checkpointing(tmp_path):
     """The scale flags reach the model: each decoder layer compiled, and recomputed in the backward pass
-    (the layers' forward runs once more in backward when checkpointed)."""
+    (the layers' forward runs once more in backward when checkpointed); N checkpoints the first N layers."""
     from model import parallelize
     make_hf_model("llama", tmp_path / "hf")
     model = parallelize(Transformer.from_pretrained(tmp_path / "hf"), torch.device("cpu"), compile=True,
                         activation_checkpointing=True)
-    assert model.gradient_checkpointing and all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert model.checkpoint_layers == 2 and all(layer._compiled_call_impl is not None for layer in model.model.layers)
     plain = parallelize(Transformer.from_pretrained(tmp_path / "hf"), torch.device("cpu"))
-    assert not plain.gradient_checkpointing and all(layer._compiled_call_impl is None for layer in plain.model.layers)
-    calls = []
-    mlp = plain.train().model.layers[0].mlp           # (module hooks do not fire in the recomputation)
-    forward = mlp.forward
-    mlp.forward = lambda *a: calls.append(1) or forward(*a)
+    assert plain.checkpoint_layers == 0 and all(layer._compiled_call_impl is None for layer in plain.model.layers)
+    assert parallelize(Transformer.from_pretrained(tmp_path / "hf"), torch.device("cpu"),
+                       activation_checkpointing=1).checkpoint_layers == 1
+    calls = {0: [], 1: []}
+    plain.train()
+    for i, layer in enumerate(plain.model.layers):      # (module hooks do not fire in the recomputation)
+        forward = layer.mlp.forward
+        layer.mlp.forward = lambda *a, i=i, forward=forward: calls[i].append(1) or forward(*a)
     ids = torch.tensor([[1, 5, 6, 7]])
-    plain(ids).sum().backward()
-    plain.gradient_checkpointing = True
-    plain(ids).sum().backward()
-    assert len(calls) == 3                              # once plain; twice checkpointed (forward, then recomputed)
+    for n in (0, 2, 1):
+        plain.checkpoint_layers = n
+        plain(ids).sum().backward()
+    # plain: once each; all checkpointed: twice each (forward, then recomputed); the first only: twice, once
+    assert (len(calls[0]), len(calls[1])) == (1 + 2 + 2, 1 + 2 + 1)
+
+
+def test_each_checkpointed_layer_keeps_less_for_backward_and_gradients_do_not_change(tmp_path):
+    """Activation checkpointing of the first N layers: the bytes autograd keeps for the backward pass fall
+    with each layer added (by the same amount: the layers are alike), and the gradients stay the same."""
+    import argparse
+    from training import add_scale_arguments
+    make_hf_model("llama", tmp_path / "hf", num_hidden_layers=3)
+    model = Transformer.from_pretrained(tmp_path / "hf").train()
+    ids = torch.randint(0, 101, (2, 24))
+    saved, grads = [], []
+    for n in range(4):
+        model.checkpoint_layers = n
+        model.zero_grad()
+        kept = {}                                          # storage -> bytes: a tensor saved twice counts once
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+        loss.backward()
+        saved.append(sum(kept.values()))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    step = saved[0] - saved[1]
+    assert step > 0 and all(saved[n] - saved[n + 1] == step for n in range(3)), saved
+    for g in grads[1:]:
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g, grads[0]))
+    p = argparse.ArgumentParser()
+    add_scale_arguments(p)
+    flags = ([], ["--activation-checkpointing"], ["--activation-checkpointing", "20"],
+             ["--gradient-checkpointing", "1", "--compile"])
+    assert [p.parse_args(a).activation_checkpointing for a in flags] == [False, True, 20, 1]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--activation-checkpointing", "0"])
 
 
 FSDP_SAVE_SCRIPT = """
