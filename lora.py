@@ -50,6 +50,56 @@ class LoRALinear(nn.Module):
         return (self.weight.float() + self.scale * delta).to(self.weight.dtype)
 
 
+class TrainableRows(nn.Module):
+    """A frozen embedding or LM head (weight (V, d)) whose rows `token_ids` train: the tokens a chat template
+    added (sft.py) would otherwise stay at their initialisation under LoRA, and tokens that start with the
+    same row (the mean) would keep equal logits for good, so <|im_end|> could never win over <|im_start|>.
+    The rows' values live in `trainable_rows` (n, d), fp32 (PEFT's `trainable_tokens_delta`, which also
+    holds values, not differences); the rest of the matrix is used as it is. The wrapped module's `weight`
+    keeps its name, so the base keys of the state dict never change. For a tied head, pass the embedding's
+    wrapper as `tied_to`: both read the same rows."""
+    def __init__(self, base: nn.Module, token_ids, tied_to=None):
+        super().__init__()
+        self.is_embedding = isinstance(base, nn.Embedding)
+        self.weight = base.weight
+        ids = torch.as_tensor(sorted(set(token_ids)), dtype=torch.long, device=base.weight.device)
+        slot = torch.full((base.weight.shape[0],), -1, dtype=torch.long, device=base.weight.device)
+        slot[ids] = torch.arange(len(ids), device=base.weight.device)
+        self.register_buffer("token_ids", ids, persistent=False)                   # (n,)
+        self.register_buffer("slot", slot, persistent=False)                       # (V,): row in trainable_rows, or -1
+        self.trainable_rows = tied_to.trainable_rows if tied_to is not None else \
+            nn.Parameter(self.weight.detach()[ids].float().clone())               # (n, d)
+
+    def forward(self, x):
+        if self.is_embedding:                                                      # x: ids (...,) -> (..., d)
+            out = F.embedding(x, self.weight)
+            slot = self.slot[x]
+            new = F.embedding(slot.clamp(min=0), self.trainable_rows).to(out.dtype)
+            return torch.where((slot >= 0)[..., None], new, out)
+        out = F.linear(x, self.weight)                                             # x: (..., d) -> (..., V)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.trainable_rows.dtype)
+        return out.index_copy(-1, self.token_ids, F.linear(x, self.trainable_rows).to(out.dtype))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The weight with the trained rows written in, in the weight's dtype."""
+        return self.weight.index_copy(0, self.token_ids, self.trainable_rows.to(self.weight.dtype))
+
+
+def train_token_rows(model, token_ids):
+    """Under LoRA, let the embedding and LM head rows of `token_ids` train (see TrainableRows)."""
+    body = model.model
+    body.embed_tokens = TrainableRows(body.embed_tokens, token_ids)
+    model.lm_head = TrainableRows(model.lm_head, token_ids,
+                                  tied_to=body.embed_tokens if model.config.tie_word_embeddings else None)
+
+
+def is_adapter_key(key) -> bool:
+    """Whether a state-dict key belongs to the adapter (LoRA's A and B, trained token rows), not the base."""
+    return ".lora_" in key or key.endswith(".trainable_rows")
+
+
 def add_lora(model, targets, rank, alpha, dropout=0.0) -> list:
     """Freeze every parameter, then wrap each nn.Linear whose attribute name is in `targets`
     (e.g. ["q_proj", "v_proj"]) in a LoRALinear. Returns the wrapped modules' names."""
@@ -74,13 +124,14 @@ def add_lora(model, targets, rank, alpha, dropout=0.0) -> list:
 
 
 def lora_state_dict(model) -> dict:
-    """The adapter alone, under PEFT's key names (base_model.model.<module>.lora_A.weight)."""
-    return {f"base_model.model.{k}": v.detach() for k, v in model.state_dict().items() if ".lora_" in k}
+    """The adapter alone: LoRA's matrices under PEFT's key names (base_model.model.<module>.lora_A.weight),
+    and any trained token rows (<module>.trainable_rows; save_lora_adapter writes them PEFT's way)."""
+    return {f"base_model.model.{k}": v.detach() for k, v in model.state_dict().items() if is_adapter_key(k)}
 
 
 def load_lora_state_dict(model, state, source="adapter"):
-    """Load an adapter saved by lora_state_dict into a model already wrapped by add_lora."""
-    own = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    """Load an adapter saved by lora_state_dict into a model already wrapped by add_lora (and train_token_rows)."""
+    own = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
     state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
     if set(state) != set(own):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -94,16 +145,19 @@ def merged_state_dict(model) -> dict:
     save_pretrained writes (for a model with adapters, a plain HF checkpoint; without, the state dict).
     Merged tensors are moved to the CPU as they are made (one extra copy of each wrapped weight in host
     memory, not on the GPU); the model is untouched."""
-    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    state = {k: v for k, v in model.state_dict().items() if not is_adapter_key(k)}
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, TrainableRows)):
             state[f"{name}.weight"] = module.merged_weight().cpu()
     return state
 
 
 def save_lora_adapter(model, path, base_model=None):
     """adapter_model.safetensors + adapter_config.json (PEFT's file names, keys and config fields),
-    written atomically."""
+    written atomically. Trained token rows go in as PEFT's `trainable_token_indices` (values under
+    <module>.token_adapter.trainable_tokens_delta; a tied head's rows are the embedding's), so
+    PeftModel.from_pretrained applies the whole fine-tune to the base once its embeddings have the rows
+    (model.resize_token_embeddings(len(tokenizer)))."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if not layers:
         raise ValueError("save_lora_adapter: the model has no LoRA layers")
@@ -112,9 +166,17 @@ def save_lora_adapter(model, path, base_model=None):
               "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.dropout.p, "bias": "none",
               "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
               "fan_in_fan_out": False, "inference_mode": True}
+    tensors = {k: v for k, v in lora_state_dict(model).items() if ".lora_" in k}
+    rows = {n: m for n, m in model.named_modules() if isinstance(m, TrainableRows)}
+    if model.config.tie_word_embeddings:
+        rows.pop("lm_head", None)                           # the embedding's rows, read by the head too
+    if rows:
+        config["trainable_token_indices"] = {n.rsplit(".", 1)[-1]: m.token_ids.tolist() for n, m in rows.items()}
+        for n, m in rows.items():
+            tensors[f"base_model.model.{n}.token_adapter.trainable_tokens_delta"] = m.trainable_rows.detach()
     tmp, commit = atomic_directory(path)
     try:
-        save_tensors({k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()},
+        save_tensors({k: v.contiguous().cpu() for k, v in tensors.items()},
                      os.path.join(tmp, "adapter_model.safetensors"))
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)

@@ -13,7 +13,8 @@ alternative (--lora-rank; the ruadapt/Vikhr distillation seed used rank 128 with
 What happens, top to bottom:
   1. read the .jsonl conversations ({"messages": [...]} or Alpaca records; model.read_conversations)
   2. pick the chat template (ChatML or Mistral's [INST]); special tokens it needs and the vocabulary lacks
-     are added to the tokenizer, with embedding rows set to the mean of the existing ones
+     are added to the tokenizer, with embedding rows set to the mean of the existing ones (under LoRA
+     those rows train too: lora.TrainableRows)
   3. render every conversation to ids + loss mask (model.render_chat); over-long ones are dropped or
      truncated (--overlong), and counted
   4. each epoch: shuffle, then pack several conversations per row of --seq-len tokens; attention stays
@@ -203,12 +204,15 @@ def train(args):
     eos_ids = raw.config.eos_token_id if args.chat_template == "chatml" else tokenizer.eos_id
     if lora:
         wrapped = M.add_lora(raw, args.lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
+        if added_ids:        # (frozen at the mean, <|im_end|> would keep <|im_start|>'s logit: never chosen)
+            M.train_token_rows(raw, added_ids)
     trainable = [p for p in raw.parameters() if p.requires_grad]
 
     print0("arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
+    rows_note = (" -- their rows start at the mean, and train with LoRA too" if lora
+                 else " -- their rows start at the mean") if added else ""
     print0(f"chat template: {args.chat_template}; tokens added to the vocabulary: "
-           f"{', '.join(f'{t} (id {i})' for t, i in zip(added, added_ids)) or 'none'}"
-           + (" -- their rows start at the mean and stay frozen under LoRA" if added and lora else ""))
+           f"{', '.join(f'{t} (id {i})' for t, i in zip(added, added_ids)) or 'none'}{rows_note}")
     print0(f"model: {raw.num_params() / 1e6:.2f}M parameters, trainable {sum(p.numel() for p in trainable) / 1e6:.2f}M"
            + (f" (LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers)" if lora else ""))
 
@@ -330,10 +334,11 @@ def train(args):
     if lora and rank == 0:
         M.save_lora_adapter(raw, os.path.join(args.out, "adapter"), base_model=os.path.abspath(args.model))
     print0(f"saved {args.out}" + (f" (LoRA merged; adapter alone in {args.out}/adapter)" if lora else ""))
-    if lora and added:   # the adapter holds only LoRA's A and B: the new tokens' rows are in the merged model
-        print0(f"note: {args.out}/adapter applies to {args.model} only once it has rows for {', '.join(added)} "
-               f"(ids {', '.join(map(str, added_ids))}, each the mean of its embedding rows, as sft.py added "
-               f"them); the merged model in {args.out} has them")
+    if lora and added:   # the adapter holds the new tokens' trained rows; the base needs room for them
+        print0(f"note: {args.out}/adapter applies to {args.model} once its embeddings have rows for "
+               f"{', '.join(added)} (ids {', '.join(map(str, added_ids))}; in transformers: "
+               f"model.resize_token_embeddings(len(tokenizer)) with the tokenizer in {args.out}); "
+               f"the merged model in {args.out} needs nothing")
 
     # -- sample answers ------------------------------------------------------------------------------
     if rank == 0 and args.samples > 0 and not args.fsdp:

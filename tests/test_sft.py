@@ -1,6 +1,7 @@
 """sft.py, lora.py and tokenizer.py's chat templates: the loss mask by hand, rendering against
-transformers' apply_chat_template, LoRA (identity at step 0, merge, gradients, HF loading), packing,
-bad input, and an end-to-end run with a resume after a simulated kill."""
+transformers' apply_chat_template, LoRA (identity at step 0, merge, gradients, HF loading, trained rows
+for added tokens, PEFT loading the adapter), packing, bad input, and an end-to-end run with a resume
+after a simulated kill."""
 import io
 import json
 import os
@@ -214,6 +215,55 @@ def test_lora(tmp_path):
         M.add_lora(Transformer.from_pretrained(base), ["qproj"], rank=4, alpha=8)
 
 
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_trainable_token_rows(tmp_path, family):
+    """train_token_rows under LoRA: embedding and head compute what plain F.embedding / F.linear compute with
+    the rows written in (float64 reference); only those rows get gradients (a tied head and its embedding
+    share them); merging writes them into both matrices, nothing else changes; the adapter holds them."""
+    from safetensors.torch import load_file
+    make_hf_model(family, tmp_path / "hf", vocab_size=64)
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    M.add_lora(model, ["q_proj"], rank=2, alpha=4)
+    rows = [5, 9]
+    M.train_token_rows(model, rows)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 + (1 if family == "llama_tied" else 2)   # 2 layers' A and B, the rows
+    with torch.no_grad():
+        for p in model.model.embed_tokens.trainable_rows, model.lm_head.trainable_rows:
+            p.add_(torch.randn_like(p))                      # rows that differ from the base's
+    ids = torch.tensor([[1, 5, 7, 9, 9, 3]])
+    emb, head = model.model.embed_tokens, model.lm_head
+    emb_w, head_w = base["model.embed_tokens.weight"].double().clone(), base["lm_head.weight"].double().clone()
+    emb_w[rows], head_w[rows] = emb.trainable_rows.detach().double(), head.trainable_rows.detach().double()
+    h = torch.randn(3, 64, dtype=torch.float64)
+    assert torch.allclose(emb(ids).double(), F.embedding(ids, emb_w), atol=1e-6)
+    assert torch.allclose(head(h.float()).double(), F.linear(h, head_w), atol=1e-4)
+
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    model(ids).logsumexp(-1).mean().backward()
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    for p in {emb.trainable_rows, head.trainable_rows}:
+        assert p.grad is not None and p.grad.abs().sum(1).gt(0).all()
+    opt.step()
+    merged = M.merged_state_dict(model)
+    for key in "model.embed_tokens.weight", "lm_head.weight":
+        changed = (merged[key] != base[key]).any(1).nonzero().flatten().tolist()
+        assert changed == rows, key                           # the rows, and only they
+    assert torch.equal(merged["model.embed_tokens.weight"][rows], emb.trainable_rows.detach())
+    assert torch.equal(merged["lm_head.weight"][rows], head.trainable_rows.detach())
+    assert set(merged) == set(base)
+
+    M.save_lora_adapter(model, tmp_path / "adapter")
+    cfg = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    modules = ["embed_tokens"] + ([] if family == "llama_tied" else ["lm_head"])
+    assert cfg["trainable_token_indices"] == {m: rows for m in modules}
+    state = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert torch.equal(state["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"],
+                       emb.trainable_rows.detach())
+    assert ("base_model.model.lm_head.token_adapter.trainable_tokens_delta" in state) == (family == "llama")
+
+
 # ------------------------------------------------------------------------------------------------
 # packing and data
 # ------------------------------------------------------------------------------------------------
@@ -383,6 +433,17 @@ def test_sft_end_to_end_and_resume(tmp_path, mode):
         assert rel_err(hf(torch.tensor([ids])).logits, ours(torch.tensor([ids]))) < 1e-5
     assert json.load(open(out / "generation_config.json"))["eos_token_id"] == [401, 2]
     assert os.path.isfile(out / "adapter" / "adapter_model.safetensors") == (mode == "lora")
+    if mode == "lora":
+        start, trained = Transformer.from_pretrained(base).state_dict(), ours.state_dict()
+        for key in "model.embed_tokens.weight", "lm_head.weight":
+            assert torch.equal(trained[key][:400], start[key]), key           # the base's rows: frozen
+            assert not torch.equal(trained[key][400], trained[key][401]), key  # the added two trained apart
+        import peft                                         # PEFT applies adapter/ to the base, rows included
+        hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        hf_base.resize_token_embeddings(ours.config.vocab_size)             # room for the added rows
+        with torch.no_grad():
+            with_adapter = peft.PeftModel.from_pretrained(hf_base, out / "adapter").eval()
+            assert rel_err(with_adapter(torch.tensor([ids])).logits, ours(torch.tensor([ids]))) < 1e-5
 
     # a kill after step 3: the step-4 work and the final model are lost, a half-written checkpoint remains
     shutil.rmtree(out / "checkpoints" / "step_000004", ignore_errors=True)
