@@ -17,7 +17,9 @@
   4. Several seeds per cell (SEEDS): mean ± sample standard deviation, and the number of seeds.
 
 Every stage is the repository's own script, run as a subprocess; this file imports only the standard
-library. Finished steps are skipped on a rerun (a marker in $OUT/done/), so an interrupted run resumes.
+library. Finished steps are skipped on a rerun (a marker in $OUT/done/ holds what each ran with), so an
+interrupted run resumes; a step whose command line changed runs again, and other data, sizes or
+ABLATIONS_SMOKE redo every step.
 Sizes are set for a 2-core CPU shared with other work (about 20-30 minutes); the printed tables also go to $OUT/tables.md.
 """
 import argparse
@@ -25,6 +27,7 @@ import concurrent.futures as cf
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import time
@@ -63,19 +66,34 @@ if os.environ.get("ABLATIONS_SMOKE"):  # a check that the script runs end to end
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "runs/ablations"), help="output directory (env OUT)")
-    p.add_argument("--data", default=os.environ.get("DATA", "../shared/data"), help="corpora (env DATA)")
+    p.add_argument("--data", default=os.environ.get("DATA", os.path.join(ROOT, "..", "shared", "data")),
+                   help="corpora: ru/, en/, chat/, bench/ as in ../shared/data (env DATA)")
     p.add_argument("--seeds", default=os.environ.get("SEEDS", "0 1 2"),
                    help="seeds of the KL and KD/SFT cells; the vocabulary cells other than the main one use the first two (env SEEDS)")
-    p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "2")),
-                   help="runs side by side, each with cores/jobs threads (env JOBS)")
+    p.add_argument("--jobs", default=os.environ.get("JOBS", "2"), help="runs side by side, one thread each (env JOBS)")
     p.add_argument("--python", default=os.environ.get("PY", os.path.join(ROOT, ".venv", "bin", "python")))
-    return p.parse_args()
+    args = p.parse_args()
+    # checked before anything trains: a bad value would otherwise fail after the base model is built
+    try:
+        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.replace(",", " ").split()))  # once each
+        args.jobs = int(args.jobs)
+    except ValueError as e:
+        p.error(f"--seeds (SEEDS) must be integers and --jobs (JOBS) one integer: {e}")
+    if not args.seeds:
+        p.error("--seeds (SEEDS) is empty: give at least one seed")
+    if args.jobs < 1:
+        p.error(f"--jobs (JOBS) must be at least 1, got {args.jobs}")
+    for sub in ("ru", "en", "chat", "bench"):
+        if not os.path.isdir(os.path.join(args.data, sub)):
+            p.error(f"--data (DATA) {args.data}: no {sub}/ folder (expected the layout of ../shared/data)")
+    return args
 
 
 A = parse_args()
 OUT = os.path.abspath(A.out)
 DATA = os.path.abspath(A.data)
-SEEDS = [int(s) for s in A.seeds.replace(",", " ").split()]
+SEEDS = A.seeds
+SMOKE = bool(os.environ.get("ABLATIONS_SMOKE"))
 VOCAB_SEEDS = SEEDS[:2]
 THREADS = 1                            # one thread per run: OpenMP teams stall on a CPU shared with other work
 T0 = time.time()
@@ -85,14 +103,32 @@ def log(msg):
     print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
 
 
+# What every step's result depends on beyond its own command line (a step reads earlier steps' outputs):
+# a rerun with other sizes or data redoes every step, not only those whose arguments changed.
+SETTINGS = json.dumps(dict(data=DATA, smoke=SMOKE, sizes=[BASE_VOCAB, RU_VOCABS, MAIN_VOCAB, HIDDEN, LAYERS,
+                                                        TEACHER_HIDDEN, TEACHER_LAYERS, SEQ, BATCH, BASE_STEPS,
+                                                        RU_STEPS, TEACHER_STEPS, CHAT_LEN, CHAT_BATCH,
+                                                        TEACHER_SFT_STEPS, KD_STEPS, EVAL_CHARS, MAX_QUESTIONS]))
+
+
 def run(name, args, threads=None):
-    """One script run; output to $OUT/logs/<name>.log; skipped when $OUT/done/<name> exists."""
+    """One script run; output to $OUT/logs/<name>.log. Skipped when $OUT/done/<name> says it ran with these
+    SETTINGS and this very command line; a step that ran otherwise has its --out removed and runs again."""
     marker = os.path.join(OUT, "done", name)
+    cmd = [A.python] + [str(a) for a in args]
+    done = SETTINGS + "\n" + " ".join(cmd)
     if os.path.exists(marker):
-        return
+        with open(marker) as f:
+            if f.read() == done:
+                return
+        out = cmd[cmd.index("--out") + 1]
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        elif os.path.exists(out):
+            os.remove(out)
+        os.remove(marker)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads or THREADS), MKL_NUM_THREADS=str(threads or THREADS),
                TOKENIZERS_PARALLELISM="false")
-    cmd = [A.python] + [str(a) for a in args]
     t = time.time()
     with open(os.path.join(OUT, "logs", name + ".log"), "w") as f:
         f.write(" ".join(cmd) + "\n\n")
@@ -100,15 +136,23 @@ def run(name, args, threads=None):
         rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc:
         raise RuntimeError(f"{name} failed (exit {rc}); see {OUT}/logs/{name}.log")
-    open(marker, "w").close()
+    with open(marker + ".tmp", "w") as f:
+        f.write(done)
+    os.replace(marker + ".tmp", marker)
     log(f"{name}: {time.time() - t:.0f}s")
 
 
 def pool(jobs):
-    """[(name, args)] side by side, A.jobs at a time; the first failure stops the script."""
+    """[(name, args)] side by side, A.jobs at a time; the first failure stops the script (the runs under way
+    finish, the queued ones never start)."""
     with cf.ThreadPoolExecutor(A.jobs) as ex:
-        for fut in [ex.submit(run, name, args) for name, args in jobs]:
-            fut.result()
+        futures = [ex.submit(run, name, args) for name, args in jobs]
+        try:
+            for fut in cf.as_completed(futures):
+                fut.result()
+        except BaseException:
+            ex.shutdown(cancel_futures=True)
+            raise
 
 
 def write_config(path, hidden, layers, vocab):
@@ -148,13 +192,15 @@ def first_metric(run_dir, key):
 
 
 def ms(values, spec=".3f"):
-    """'mean ± sd (n)' over seeds; sd is the sample standard deviation."""
+    """'mean ± sd' over seeds (sd: the sample standard deviation); when some seeds have no value (missing
+    or NaN) the cell says how many of them do, '(2 of 3 seeds)', rather than pass for a full cell."""
+    n = len(values)
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return "-"
-    if len(values) == 1:
-        return format(values[0], spec)
-    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec.lstrip('+'))}"
+    cell = format(values[0], spec) if len(values) == 1 else \
+        f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec.lstrip('+'))}"
+    return cell if len(values) == n else f"{cell} ({len(values)} of {n} seeds)"
 
 
 def table(header, rows):
@@ -171,12 +217,15 @@ for d in ("done", "logs", "data/ru_train", "data/en_train", "data/chat"):
 
 
 def link_dir(src, dst, skip):
+    """dst/ holds links to src's .txt files but `skip` (training sets are folders); links from a run with
+    other data are removed first."""
+    for name in os.listdir(dst):
+        os.remove(os.path.join(dst, name))
     files = []
     for name in sorted(os.listdir(src)):
         if name.endswith(".txt") and name != skip:
             link = os.path.join(dst, name)
-            if not os.path.lexists(link):
-                os.symlink(os.path.join(src, name), link)
+            os.symlink(os.path.join(src, name), link)
             files.append(link)
     return files
 
@@ -331,7 +380,9 @@ def mc_acc(name, bench, key="loglik_per_byte"):
 
 
 out = []
-out.append(f"# nanoadapt ablations in miniature\n\ndata `{A.data}`, seeds {SEEDS} (vocabulary cells: {VOCAB_SEEDS}); "
+title = "# nanoadapt ablations in miniature" + (" (ABLATIONS_SMOKE: a few steps each, the numbers are noise)"
+                                                if SMOKE else "")
+out.append(f"{title}\n\ndata `{A.data}`, seeds {SEEDS} (vocabulary cells: {VOCAB_SEEDS}); "
            f"cells are mean ± sample sd over seeds. Held out of all training: `{RU_T}` (ru), `{EN_T}` (en), "
            f"every {CHAT_EVAL_EVERY}th chat conversation.\n")
 

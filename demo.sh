@@ -13,21 +13,30 @@
 # DATA=../shared/data ./demo.sh runs it on the real corpora with larger settings.
 # Outputs go to $OUT (default runs/demo); each stage's output is an HF model directory.
 set -euo pipefail
+# OUT, DATA and PY given relative are relative to where the command was typed; the defaults, to this folder
+for var in OUT DATA PY; do
+  case ${!var:-/} in /*) ;; *) printf -v "$var" '%s' "$PWD/${!var}" ;; esac
+done
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/demo}
 DATA=${DATA:-data}
+[ -d "$DATA" ] || { echo "demo.sh: DATA=$DATA is not a folder" >&2; exit 2; }
 mkdir -p "$OUT"
 
-if [ "$DATA" = "data" ]; then             # the embedded samples written for this project
+if [ "$(cd "$DATA" && pwd)" = "$PWD/data" ]; then     # the embedded samples written for this project
   EN=data/en.txt; RU=data/ru.txt; EN_EVAL=data/en_heldout.txt; RU_EVAL=data/ru_heldout.txt
   CHAT="data/chat_ru.jsonl data/chat_ru_alpaca.jsonl"; MC="data/mc_ru.jsonl data/mc_en.jsonl"
   PROMPTS=data/prompts_ru.txt
   BASE_VOCAB=1000; RU_VOCAB=3000; HIDDEN=128; LAYERS=4; TEACHER_HIDDEN=192; TEACHER_LAYERS=6
   SEQ=128; BASE_STEPS=400; RU_STEPS=250; SFT_STEPS=60; TEACHER_STEPS=300; MAX_CHARS=8000; EVAL_LEN=256
 else                                        # real corpora, e.g. DATA=../shared/data
-  EN="$DATA/en"; RU="$DATA/ru"
   EN_EVAL="$DATA/en/pg1661_doyle_adventures_of_sherlock_holmes.txt"; RU_EVAL="$DATA/ru/Turgenev_Rudin.txt"
+  # the training sets: every book but the two held out for evaluation (links, so a source is one folder)
+  EN="$OUT/train_data/en"; RU="$OUT/train_data/ru"
+  rm -rf "$OUT/train_data"; mkdir -p "$EN" "$RU"
+  for f in "$DATA"/en/*.txt; do [ "$f" = "$EN_EVAL" ] || ln -s "$(cd "$(dirname "$f")" && pwd)/${f##*/}" "$EN/"; done
+  for f in "$DATA"/ru/*.txt; do [ "$f" = "$RU_EVAL" ] || ln -s "$(cd "$(dirname "$f")" && pwd)/${f##*/}" "$RU/"; done
   CHAT="$DATA/chat/ru_seed_tasks.messages.jsonl $DATA/chat/ru_saiga_tasks.alpaca.jsonl"
   MC="$DATA/bench/ru_mmlu.jsonl $DATA/bench/ru_openbookqa.jsonl $DATA/bench/ru_parus.jsonl $DATA/bench/en_mmlu.jsonl"
   PROMPTS=data/prompts_ru.txt
