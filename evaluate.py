@@ -101,7 +101,9 @@ def read_text(path, max_chars):
 
 
 def read_benchmark(path, limit=0):
-    """[{question, choices, answer}] from a .jsonl file, each line checked; the first `limit` (0 = all)."""
+    """[{question, choices, answer}] from a .jsonl file, each line checked; `limit` of them (0 = all) spread
+    evenly over the file, not the first ones: benchmark files are often grouped by subject (MMLU's first
+    100 questions are all abstract algebra)."""
     questions = []
     for n, record in jsonl_records(path):
         where = f"{path}:{n}"
@@ -118,10 +120,10 @@ def read_benchmark(path, limit=0):
             raise InputError(f"{where}: answer {answer} is out of range for {len(choices)} choices "
                              f"(expected 0..{len(choices) - 1})")
         questions.append(dict(question=q, choices=choices, answer=answer))
-        if limit and len(questions) == limit:
-            break
     if not questions:
         raise InputError(f"{path}: no questions")
+    if limit and limit < len(questions):
+        questions = [questions[i * len(questions) // limit] for i in range(limit)]
     return questions
 
 
@@ -586,7 +588,7 @@ def parse_args(argv=None):
     # how much of it
     p.add_argument("--max-chars", type=at_least(0), default=100_000,
                    help="score only the first N characters of each text (0 = all)")
-    p.add_argument("--max-questions", type=at_least(0), default=0, help="first N questions of each benchmark (0 = all)")
+    p.add_argument("--max-questions", type=at_least(0), default=0, help="N questions of each benchmark, spread evenly over the file (0 = all)")
     p.add_argument("--max-prompts", type=at_least(0), default=0, help="first N prompts (0 = all)")
     # scoring
     p.add_argument("--max-len", type=at_least(1), default=1024, help="tokens per scored window (and longest prompt + answer)")

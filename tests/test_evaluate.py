@@ -377,6 +377,21 @@ def test_malformed_benchmark_line_names_file_and_line(tmp_path, line, message):
         evaluate.read_benchmark(bench)
 
 
+def test_max_questions_spreads_over_the_file(tmp_path):
+    """--max-questions 4 of 10 questions, the first five of one subject and the last five of another (as
+    MMLU files are grouped): questions 0, 2, 5 and 7, so both subjects, not the first four; every line is
+    still checked (a bad tenth line is an error)."""
+    rows = [{"question": f"{'algebra' if i < 5 else 'biology'} {i}?", "choices": ["a", "b"], "answer": 0}
+            for i in range(10)]
+    bench = write_jsonl(tmp_path / "b.jsonl", rows)
+    assert [q["question"] for q in evaluate.read_benchmark(bench, 4)] == ["algebra 0?", "algebra 2?", "biology 5?",
+                                                                         "biology 7?"]
+    assert len(evaluate.read_benchmark(bench, 10)) == len(evaluate.read_benchmark(bench, 99)) == 10
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows[:9] + ['{"question": "Q?"}'])
+    with pytest.raises(InputError, match=r"bad\.jsonl:10:"):
+        evaluate.read_benchmark(bad, 4)
+
+
 def test_bad_input_is_one_clear_message(tmp_path, llama, capsys):
     path, _, _ = llama
     no_tok = tmp_path / "no_tokenizer"
