@@ -13,9 +13,11 @@
 # DATA=../shared/data ./demo.sh runs it on the real corpora with larger settings.
 # Outputs go to $OUT (default runs/demo); each stage's output is an HF model directory.
 set -euo pipefail
-# OUT, DATA and PY given relative are relative to where the command was typed; the defaults, to this folder
+# OUT, DATA and a PY path given relative are relative to where the command was typed (PY=python3, a
+# command name, stays as it is); the defaults, to this folder
 for var in OUT DATA PY; do
-  case ${!var:-/} in /*) ;; *) printf -v "$var" '%s' "$PWD/${!var}" ;; esac
+  value=${!var:-/}
+  if [[ $value != /* && ( $var != PY || $value == */* ) ]]; then printf -v "$var" '%s' "$PWD/$value"; fi
 done
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}

@@ -89,6 +89,9 @@ class TrainableRows(nn.Module):
 
 def train_token_rows(model, token_ids):
     """Under LoRA, let the embedding and LM head rows of `token_ids` train (see TrainableRows)."""
+    if isinstance(model.lm_head, LoRALinear):
+        raise ValueError("LoRA on lm_head and trained rows for the chat template's tokens do not combine: "
+                         "drop lm_head from --lora-targets")
     body = model.model
     body.embed_tokens = TrainableRows(body.embed_tokens, token_ids)
     model.lm_head = TrainableRows(model.lm_head, token_ids,
@@ -135,6 +138,9 @@ def load_lora_state_dict(model, state, source="adapter"):
     state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
     if set(state) != set(own):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if not extra and all(k.endswith(".trainable_rows") for k in missing):
+            raise ValueError(f"{source}: this adapter has no trained rows for the chat template's tokens, which "
+                             "sft.py's LoRA trains since 2026-12-08: it was written before; start the run again")
         raise ValueError(f"{source}: adapter does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
     model.load_state_dict(state, strict=False)
 

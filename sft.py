@@ -14,7 +14,7 @@ What happens, top to bottom:
   1. read the .jsonl conversations ({"messages": [...]} or Alpaca records; model.read_conversations)
   2. pick the chat template (ChatML or Mistral's [INST]); special tokens it needs and the vocabulary lacks
      are added to the tokenizer, with embedding rows set to the mean of the existing ones (under LoRA
-     those rows train too: lora.TrainableRows)
+     the rows of the template's special tokens train too: lora.TrainableRows)
   3. render every conversation to ids + loss mask (model.render_chat); over-long ones are dropped or
      truncated (--overlong), and counted
   4. each epoch: shuffle, then pack several conversations per row of --seq-len tokens; attention stays
@@ -202,17 +202,22 @@ def train(args):
         im_end = tokenizer.special_tokens["<|im_end|>"]
         raw.config.eos_token_id = [im_end] + ([tokenizer.eos_id] if tokenizer.eos_id not in (None, im_end) else [])
     eos_ids = raw.config.eos_token_id if args.chat_template == "chatml" else tokenizer.eos_id
+    # Under LoRA the rows of the template's special tokens train too: added here or by resize_vocab.py, a
+    # base's missing <|im_start|> and <|im_end|> start from one shared row, and frozen they would keep
+    # equal logits for good (<|im_end|> never chosen over <|im_start|>)
+    template_tokens = M.CHAT_SPECIAL_TOKENS[args.chat_template]
     if lora:
+        torch.manual_seed(args.seed)                                    # the adapters' initialisation
         wrapped = M.add_lora(raw, args.lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
-        if added_ids:        # (frozen at the mean, <|im_end|> would keep <|im_start|>'s logit: never chosen)
-            M.train_token_rows(raw, added_ids)
+        if template_tokens:
+            M.train_token_rows(raw, [tokenizer.special_tokens[t] for t in template_tokens])
     trainable = [p for p in raw.parameters() if p.requires_grad]
 
     print0("arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
-    rows_note = (" -- their rows start at the mean, and train with LoRA too" if lora
-                 else " -- their rows start at the mean") if added else ""
     print0(f"chat template: {args.chat_template}; tokens added to the vocabulary: "
-           f"{', '.join(f'{t} (id {i})' for t, i in zip(added, added_ids)) or 'none'}{rows_note}")
+           f"{', '.join(f'{t} (id {i})' for t, i in zip(added, added_ids)) or 'none'}"
+           + (" (their rows start at the mean)" if added else "")
+           + (f"; with LoRA the rows of {', '.join(template_tokens)} train too" if lora and template_tokens else ""))
     print0(f"model: {raw.num_params() / 1e6:.2f}M parameters, trainable {sum(p.numel() for p in trainable) / 1e6:.2f}M"
            + (f" (LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers)" if lora else ""))
 
@@ -337,8 +342,8 @@ def train(args):
     if lora and added:   # the adapter holds the new tokens' trained rows; the base needs room for them
         print0(f"note: {args.out}/adapter applies to {args.model} once its embeddings have rows for "
                f"{', '.join(added)} (ids {', '.join(map(str, added_ids))}; in transformers: "
-               f"model.resize_token_embeddings(len(tokenizer)) with the tokenizer in {args.out}); "
-               f"the merged model in {args.out} needs nothing")
+               f"model.resize_token_embeddings({raw.config.vocab_size})); the merged model in {args.out} "
+               f"needs nothing")
 
     # -- sample answers ------------------------------------------------------------------------------
     if rank == 0 and args.samples > 0 and not args.fsdp:

@@ -172,6 +172,8 @@ def main():
                          "GPU: the fewest layers that bring the peak to 0.6x the eager transformers loop's)")
     args = ap.parse_args()
     p = PRESETS[args.preset]
+    if any(not 1 <= n <= p["layers"] for n in args.checkpoint_layers or []):
+        ap.error(f"--checkpoint-layers: each N must be 1..{p['layers']} (the {args.preset} preset's layers)")
     device = torch.device(p["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("the gpu preset needs CUDA (use --preset cpu for a smoke run)")
@@ -205,6 +207,9 @@ def main():
             n = layers_for_memory(0.6 * mem["transformers eager"], mem["nanoadapt compiled"], mem[kinds[-1]],
                                   p["layers"])
             partial = [n] if n else []
+            if not n:
+                print("  no partial checkpointing contender: without checkpointing the peak is already within "
+                      "0.6x the eager transformers loop's, or with every layer it is not", file=sys.stderr, flush=True)
     for n in partial or []:
         run(f"nanoadapt compiled + activation checkpointing of {n}/{p['layers']} layers")
 

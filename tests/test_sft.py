@@ -263,6 +263,16 @@ def test_trainable_token_rows(tmp_path, family):
                        emb.trainable_rows.detach())
     assert ("base_model.model.lm_head.token_adapter.trainable_tokens_delta" in state) == (family == "llama")
 
+    # an adapter from before trained rows existed: a clear refusal, not a list of missing keys
+    lora_only = {k: v for k, v in M.lora_state_dict(model).items() if ".lora_" in k}
+    with pytest.raises(ValueError, match="no trained rows for the chat template's tokens.*start the run again"):
+        M.load_lora_state_dict(model, lora_only, "old checkpoint")
+    if family == "llama":                                     # LoRA on the (untied) head cannot also take rows
+        other = Transformer.from_pretrained(tmp_path / "hf")
+        M.add_lora(other, ["q_proj", "lm_head"], rank=2, alpha=4)
+        with pytest.raises(ValueError, match="drop lm_head from --lora-targets"):
+            M.train_token_rows(other, rows)
+
 
 # ------------------------------------------------------------------------------------------------
 # packing and data
@@ -552,7 +562,9 @@ def test_scale_flags_are_the_same_in_every_training_script(capsys, monkeypatch):
 
 
 def test_lora_adapters_stay_fp32_on_a_bf16_base(tmp_path):
-    """--dtype bfloat16 puts the base in bf16; the adapters (and so their Adam state) stay fp32."""
+    """--dtype bfloat16 puts the base in bf16; the adapters (and so their Adam state) stay fp32, the trained
+    rows of ChatML's tokens too. The base has those tokens already (as resize_vocab.py's output does, each
+    at one shared mean row): under LoRA their rows train all the same."""
     from safetensors.torch import load_file
     base = make_base(tmp_path / "base", family="qwen2", chat_tokens=True)
     data = write_chat_data(tmp_path / "chat.jsonl")
@@ -560,6 +572,10 @@ def test_lora_adapters_stay_fp32_on_a_bf16_base(tmp_path):
             "--samples", "0")
     adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    rows = adapter["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    chatml = [M.load_tokenizer(base).special_tokens[t] for t in ("<|im_start|>", "<|im_end|>")]
+    cfg = json.load(open(tmp_path / "run" / "adapter" / "adapter_config.json"))
+    assert rows.shape == (2, 64) and cfg["trainable_token_indices"]["embed_tokens"] == sorted(chatml)
     assert Transformer.from_pretrained(str(tmp_path / "run")).model.embed_tokens.weight.dtype == torch.bfloat16
 
 
