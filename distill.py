@@ -594,6 +594,8 @@ def train(args):
     if lora:
         torch.manual_seed(args.seed)                                    # the adapters' initialisation
         nano.add_lora(raw, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
+        # as in sft.py: the rows of <|im_start|> and <|im_end|> train too (a pretrained student's may be equal)
+        nano.train_chat_token_rows(raw, nano.load_tokenizer(args.student), store.meta["chat_template"])
 
     # -- data: every stored conversation, the last --eval-conversations held out -------------------------
     lengths, rows_per_conversation = store.lengths()

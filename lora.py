@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atomic_files import atomic_directory, save_tensors
+from tokenizer import CHAT_SPECIAL_TOKENS
 
 
 class LoRALinear(nn.Module):
@@ -96,6 +97,17 @@ def train_token_rows(model, token_ids):
     body.embed_tokens = TrainableRows(body.embed_tokens, token_ids)
     model.lm_head = TrainableRows(model.lm_head, token_ids,
                                   tied_to=body.embed_tokens if model.config.tie_word_embeddings else None)
+
+
+def train_chat_token_rows(model, tokenizer, template) -> list:
+    """train_token_rows for the special tokens the chat template uses (ChatML's <|im_start|> and <|im_end|>),
+    as sft.py and distill.py do under LoRA: added by sft.py, or by resize_vocab.py for a base without them,
+    they start from one shared row, and frozen, <|im_end|> would keep <|im_start|>'s logit for good.
+    Returns those tokens."""
+    tokens = [t for t in CHAT_SPECIAL_TOKENS[template] if t in tokenizer.special_tokens]
+    if tokens:
+        train_token_rows(model, [tokenizer.special_tokens[t] for t in tokens])
+    return tokens
 
 
 def is_adapter_key(key) -> bool:

@@ -44,7 +44,7 @@ from atomic_files import (atomic_directory, current_umask, fsync_dir, remove_lef
                           write_json_atomic)
 # LoRA adapters live in lora.py; re-exported here too.
 from lora import (LoRALinear, TrainableRows, add_lora, load_lora_state_dict, lora_state_dict,  # noqa: F401
-                  merged_state_dict, save_lora_adapter, train_token_rows)
+                  merged_state_dict, save_lora_adapter, train_chat_token_rows, train_token_rows)
 # The training scripts' shared helpers live in training.py; re-exported here too.
 from training import (GPU_PEAK_BF16_FLOPS, adamw, add_finetuning_arguments, add_scale_arguments, as_dtype,  # noqa: F401
                       at_least, cast_weights, check_scale_arguments, checkpointed_chunks, clip_gradients,

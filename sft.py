@@ -202,22 +202,18 @@ def train(args):
         im_end = tokenizer.special_tokens["<|im_end|>"]
         raw.config.eos_token_id = [im_end] + ([tokenizer.eos_id] if tokenizer.eos_id not in (None, im_end) else [])
     eos_ids = raw.config.eos_token_id if args.chat_template == "chatml" else tokenizer.eos_id
-    # Under LoRA the rows of the template's special tokens train too: added here or by resize_vocab.py, a
-    # base's missing <|im_start|> and <|im_end|> start from one shared row, and frozen they would keep
-    # equal logits for good (<|im_end|> never chosen over <|im_start|>)
-    template_tokens = M.CHAT_SPECIAL_TOKENS[args.chat_template]
+    trained_rows = []
     if lora:
         torch.manual_seed(args.seed)                                    # the adapters' initialisation
         wrapped = M.add_lora(raw, args.lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
-        if template_tokens:
-            M.train_token_rows(raw, [tokenizer.special_tokens[t] for t in template_tokens])
+        trained_rows = M.train_chat_token_rows(raw, tokenizer, args.chat_template)   # <|im_start|>, <|im_end|>
     trainable = [p for p in raw.parameters() if p.requires_grad]
 
     print0("arguments:\n" + "\n".join(f"  {k} = {v}" for k, v in vars(args).items()))
     print0(f"chat template: {args.chat_template}; tokens added to the vocabulary: "
            f"{', '.join(f'{t} (id {i})' for t, i in zip(added, added_ids)) or 'none'}"
            + (" (their rows start at the mean)" if added else "")
-           + (f"; with LoRA the rows of {', '.join(template_tokens)} train too" if lora and template_tokens else ""))
+           + (f"; with LoRA the rows of {', '.join(trained_rows)} train too" if trained_rows else ""))
     print0(f"model: {raw.num_params() / 1e6:.2f}M parameters, trainable {sum(p.numel() for p in trainable) / 1e6:.2f}M"
            + (f" (LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers)" if lora else ""))
 

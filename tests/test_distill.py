@@ -440,8 +440,9 @@ def test_train_lowers_kl_saves_hf_and_resumes_exactly(env, tmp_path):
 
 
 def test_lora_trains_only_the_adapter_and_resumes_exactly_with_dropout(env, tmp_path):
-    """LoRA with dropout: only the adapted layers change, and a run resumed from its step-2 checkpoint
-    draws the same dropout masks (reseeded per step) and lands on the same weights."""
+    """LoRA with dropout: only the adapted layers change, and the rows of ChatML's two tokens in the embedding
+    and the head (as in sft.py); a run resumed from its step-2 checkpoint draws the same dropout masks
+    (reseeded per step) and lands on the same weights."""
     run = str(tmp_path / "lora")
     args = train_args(env, run, "--max-steps", "4", "--save-every", "2", "--lora-rank", "4", "--lora-alpha", "8",
                       "--lora-dropout", "0.3", "--lora-targets", "q_proj,v_proj", "--kd-tail", "renorm",
@@ -449,7 +450,11 @@ def test_lora_trains_only_the_adapter_and_resumes_exactly_with_dropout(env, tmp_
     distill.main(args)
     base, merged = weights(env["student"]), weights(run)
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
-    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    rows = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert rows < changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed - rows)
+    chatml = sorted(nano.load_tokenizer(env["student"]).special_tokens[t] for t in ("<|im_start|>", "<|im_end|>"))
+    for k in rows:
+        assert (base[k] != merged[k]).any(1).nonzero().flatten().tolist() == chatml, k
     assert os.path.isfile(os.path.join(run, "adapter", "adapter_model.safetensors"))
 
     resumed = str(tmp_path / "resumed")

@@ -563,8 +563,8 @@ def test_scale_flags_are_the_same_in_every_training_script(capsys, monkeypatch):
 
 def test_lora_adapters_stay_fp32_on_a_bf16_base(tmp_path):
     """--dtype bfloat16 puts the base in bf16; the adapters (and so their Adam state) stay fp32, the trained
-    rows of ChatML's tokens too. The base has those tokens already (as resize_vocab.py's output does, each
-    at one shared mean row): under LoRA their rows train all the same."""
+    rows of ChatML's tokens too. The base has those tokens already (as resize_vocab.py's output of
+    train_tokenizer.py's tokenizer does): under LoRA their rows train all the same."""
     from safetensors.torch import load_file
     base = make_base(tmp_path / "base", family="qwen2", chat_tokens=True)
     data = write_chat_data(tmp_path / "chat.jsonl")
