@@ -52,8 +52,8 @@ class LoRALinear(nn.Module):
 
 
 class TrainableRows(nn.Module):
-    """A frozen embedding or LM head (weight (V, d)) whose rows `token_ids` train: the tokens a chat template
-    added (sft.py) would otherwise stay at their initialisation under LoRA, and tokens that start with the
+    """A frozen embedding or LM head (weight (V, d)) whose rows `token_ids` train: under LoRA a chat
+    template's special tokens would otherwise stay at their initialisation, and tokens that start with the
     same row (the mean) would keep equal logits for good, so <|im_end|> could never win over <|im_start|>.
     The rows' values live in `trainable_rows` (n, d), fp32 (PEFT's `trainable_tokens_delta`, which also
     holds values, not differences); the rest of the matrix is used as it is. The wrapped module's `weight`
@@ -152,7 +152,8 @@ def load_lora_state_dict(model, state, source="adapter"):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if not extra and all(k.endswith(".trainable_rows") for k in missing):
             raise ValueError(f"{source}: this adapter has no trained rows for the chat template's tokens, which "
-                             "sft.py's LoRA trains since 2026-12-08: it was written before; start the run again")
+                             "LoRA runs (sft.py, distill.py) train since 2026-12-08: it was written before; "
+                             "start the run again")
         raise ValueError(f"{source}: adapter does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
     model.load_state_dict(state, strict=False)
 
@@ -175,7 +176,7 @@ def save_lora_adapter(model, path, base_model=None):
     written atomically. Trained token rows go in as PEFT's `trainable_token_indices` (values under
     <module>.token_adapter.trainable_tokens_delta; a tied head's rows are the embedding's), so
     PeftModel.from_pretrained applies the whole fine-tune to the base once its embeddings have the rows
-    (model.resize_token_embeddings(len(tokenizer)))."""
+    (model.resize_token_embeddings to the run's vocab_size)."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if not layers:
         raise ValueError("save_lora_adapter: the model has no LoRA layers")
