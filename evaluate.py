@@ -588,7 +588,8 @@ def parse_args(argv=None):
     # how much of it
     p.add_argument("--max-chars", type=at_least(0), default=100_000,
                    help="score only the first N characters of each text (0 = all)")
-    p.add_argument("--max-questions", type=at_least(0), default=0, help="N questions of each benchmark, spread evenly over the file (0 = all)")
+    p.add_argument("--max-questions", type=at_least(0), default=0,
+                   help="N questions of each benchmark, spread evenly over the file (0 = all)")
     p.add_argument("--max-prompts", type=at_least(0), default=0, help="first N prompts (0 = all)")
     # scoring
     p.add_argument("--max-len", type=at_least(1), default=1024, help="tokens per scored window (and longest prompt + answer)")
