@@ -642,8 +642,7 @@ def train(args):
                 + f" | λ={args.kd_weight} tail={args.kd_tail} w={args.kd_weighting} T={args.temperature}")
     autocast = device.type == "cuda"                 # bf16 matmuls on GPUs; the loss is fp32 either way
     peak = nano.gpu_peak_flops(device)
-    # frozen weights get no weight gradient: about 4 instead of 6 FLOPs per parameter and token
-    flops_per_token = raw.flops_per_token(args.seq_len) * (4 / 6 if lora else 1)
+    flops_per_token = raw.flops_per_token(args.seq_len)     # (LoRA's frozen weights: 4 per entry, not 6)
 
     def evaluate(step):
         if n_eval:

@@ -465,16 +465,22 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), the convention of PaLM's appendix B that torchtitan
-        and nanochat use too, so MFU compares with theirs: 6 per weight-matrix entry (the head counts, the
-        embedding lookup does not; norms and biases are not matmuls) plus 12·L·H·hd·T for the attention
-        scores and values. Like them it counts every (query, key) pair: the causal mask's saving, half of
-        that attention term, is not subtracted (at 2k context a few % of the total for a 1-2B model)."""
+    def flops_per_token(self, seq_len: int, forward_only: bool = False) -> float:
+        """FLOPs per token of a training step (forward + backward), or of a forward pass alone (a frozen
+        reference), as PaLM's appendix B counts them and torchtitan and nanochat too, so MFU compares with
+        theirs. Per weight-matrix entry (the head counts, the embedding lookup does not; norms and biases
+        are not matmuls): 2 forward, 2 backward for the input's gradient, and 2 more for the weight's own
+        gradient when it trains (6, or 4 for LoRA's frozen base and --train-only embeddings). Attention
+        scores and values: 4·L·H·hd·T forward, twice that backward. Like them it counts every (query, key)
+        pair: the causal mask's saving, half of the attention term, is not subtracted (at 2k context a few
+        % of the total for a 1-2B model)."""
         c = self.config
-        matrices = sum(p.numel() for name, p in self.named_parameters()
-                       if p.dim() == 2 and (name != "model.embed_tokens.weight" or c.tie_word_embeddings))
-        return 6 * matrices + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        matmuls = 0
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and (c.tie_word_embeddings or not name.startswith("model.embed_tokens.")):
+                matmuls += p.numel() * (2 if forward_only else 6 if p.requires_grad else 4)
+        attention = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        return matmuls + (attention if forward_only else 3 * attention)
 
     # -- load / save: see section 4 ------------------------------------------------------------------
     @classmethod

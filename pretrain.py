@@ -734,8 +734,8 @@ def train(args):
         for name, p in raw.named_parameters():
             p.requires_grad_(name in ("model.embed_tokens.weight", "lm_head.weight"))
     raw.train()
-    # MFU counts the reference's forward pass too (a third of a training step's FLOPs per weight)
-    flops_per_token = raw.flops_per_token(T) + (ref.flops_per_token(T) / 3 if ref is not None else 0)
+    # MFU counts the reference's forward pass too
+    flops_per_token = raw.flops_per_token(T) + (ref.flops_per_token(T, forward_only=True) if ref is not None else 0)
     # DDP or FSDP2 under torchrun; `raw` itself (on `device`) otherwise
     model = parallelize(raw, device, dtype=param_dtype, fsdp=args.fsdp, cpu_offload=args.cpu_offload,
                         compile=args.compile, activation_checkpointing=args.activation_checkpointing)

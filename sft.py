@@ -268,8 +268,7 @@ def train(args):
                           tokenizer_dir=tok_dir, keep=args.keep)
 
     peak = M.gpu_peak_flops(device)
-    # frozen weights get no weight gradient: about 4 instead of 6 FLOPs per parameter and token
-    flops_per_token = raw.flops_per_token(args.seq_len) * (4 / 6 if lora else 1)
+    flops_per_token = raw.flops_per_token(args.seq_len)     # (LoRA's frozen weights: 4 per entry, not 6)
     if start_step == 0:
         loss0 = held_out_loss(model, val_rows, val, args, pad_id, device, rank, world) if val else float("nan")
         print0(f"step 0: held-out loss {loss0:.4f}")

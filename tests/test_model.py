@@ -461,17 +461,28 @@ def test_mfu_peak_is_the_gpus_own(monkeypatch):
 def test_flops_per_token_is_what_torch_counts_in_a_training_step():
     """flops_per_token(T) × B·T equals torch's FlopCounterMode over one forward + backward with SDPA's math
     backend (attention as plain matmuls over every (query, key) pair): the head counts, the embedding lookup
-    does not, tied or not, GQA, head_dim != hidden / heads, biases."""
+    does not, tied or not, GQA, head_dim != hidden / heads, biases; with only the embeddings and head
+    training (pretrain.py --train-only embeddings: the frozen layers' weights get no gradient of their own);
+    and a forward pass alone (the frozen KL reference)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     B, T = 2, 16
+
+    def counted(model, ids, backward=True):
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.set_grad_enabled(backward):
+            loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+            if backward:
+                loss.backward()
+        return counter.get_total_flops()
     for family in ("qwen3", "qwen3_tied", "qwen2", "llama_bias"):
         model = Transformer(Config.from_hf(hf_config(family).to_dict()))
         model.init_weights()
         ids = torch.randint(0, model.config.vocab_size, (B, T))
-        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-            F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
-        assert model.flops_per_token(T) * B * T == counter.get_total_flops(), family
+        assert model.flops_per_token(T) * B * T == counted(model, ids), family
+        assert model.flops_per_token(T, forward_only=True) * B * T == counted(model, ids, backward=False), family
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in ("model.embed_tokens.weight", "lm_head.weight"))
+        assert model.flops_per_token(T) * B * T == counted(model, ids), family
 
 
 def test_generate_runs_one_forward_per_new_token_and_top_k_0_is_off(tmp_path):
