@@ -579,7 +579,8 @@ def train(args):
 
     # -- store, student, tokenizer check -----------------------------------------------------------------
     store = TopkStore(args.store)
-    store.check_student_tokenizer(nano.load_tokenizer(args.student), args.student)
+    student_tok = nano.load_tokenizer(args.student)
+    store.check_student_tokenizer(student_tok, args.student)
     # the student is saved with the chat template its data was rendered with, so it chats in transformers
     tok_dir = os.path.join(args.out, "tokenizer")
     if rank == 0:
@@ -593,9 +594,9 @@ def train(args):
                          f"teacher ids up to {store.meta['max_topk_id']}")
     if lora:
         torch.manual_seed(args.seed)                                    # the adapters' initialisation
-        nano.add_lora(raw, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
+        nano.add_lora(raw, args.lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
         # as in sft.py: the rows of <|im_start|> and <|im_end|> train too (a pretrained student's may be equal)
-        nano.train_chat_token_rows(raw, nano.load_tokenizer(args.student), store.meta["chat_template"])
+        nano.train_chat_token_rows(raw, student_tok, store.meta["chat_template"])
 
     # -- data: every stored conversation, the last --eval-conversations held out -------------------------
     lengths, rows_per_conversation = store.lengths()

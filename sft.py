@@ -69,7 +69,6 @@ def parse_args(argv=None):
     M.check_scale_arguments(p, args)
     if not 0 <= args.val_fraction < 1:
         p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    args.lora_targets = [t for t in args.lora_targets.split(",") if t]
     return args
 
 

@@ -282,6 +282,7 @@ def add_finetuning_arguments(p):
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   type=lambda text: [name for name in text.split(",") if name],      # (also the default's)
                    help="comma-separated names of the linear layers that get an adapter")
     # checkpoints and logging
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
