@@ -66,8 +66,12 @@ def remove_leftovers_beside(path):
     (.NAME.tmp-*, .NAME.old-*). Called after a write of `path` succeeded: one path, one writer."""
     path = Path(path)
     for p in path.parent.glob(f".{path.name}.*"):
-        if p.name.startswith((f".{path.name}.tmp-", f".{path.name}.old-")):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if not p.name.startswith((f".{path.name}.tmp-", f".{path.name}.old-")):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def rename_durably(src, dst):

@@ -477,8 +477,12 @@ class Transformer(nn.Module):
         c = self.config
         matmuls = 0
         for name, p in self.named_parameters():
-            if p.dim() == 2 and (c.tie_word_embeddings or not name.startswith("model.embed_tokens.")):
-                matmuls += p.numel() * (2 if forward_only else 6 if p.requires_grad else 4)
+            if p.dim() != 2 or (name.startswith("model.embed_tokens.") and not c.tie_word_embeddings):
+                continue                                       # a norm, a bias, or the embedding lookup
+            if forward_only:
+                matmuls += 2 * p.numel()
+            else:
+                matmuls += (6 if p.requires_grad else 4) * p.numel()
         attention = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
         return matmuls + (attention if forward_only else 3 * attention)
 
