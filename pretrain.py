@@ -758,7 +758,8 @@ def train(args):
 
     # -- resume ------------------------------------------------------------------------------------
     run_args = {**vars(args), "data_layout": DATA_LAYOUT, "world_size": world, "global_rows": global_rows,
-                "tokens_per_step": global_rows * T, "max_steps": max_steps, "train_tokens": train_tokens, "kl_extend_shared_ids": shared,
+                "tokens_per_step": global_rows * T, "max_steps": max_steps, "train_tokens": train_tokens,
+                "kl_extend_shared_ids": shared,
                 "eval_sources": {name: {"rows": len(rows), "bytes": n} for name, rows, n in eval_sets}}
     if state is not None:
         for key in RESUME_MUST_MATCH:
